@@ -45,8 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (cls, _, help_) in STAGES.items():
-        p = sub.add_parser(name, help=help_, description=help_,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--preset", choices=list(C.PRESETS), help="named bundle of settings, e.g. tiny")
         p.add_argument("--config", help="TOML file with settings (flags override it)")
         add_config_args(p, cls)
