@@ -1,0 +1,736 @@
+"""Byte-level BPE tokenizer: trained with rustbpe, run with tiktoken, chat protocol on top.
+
+The pairing is nanochat's: rustbpe trains fast and emits tiktoken-style mergeable ranks
+(token bytes -> rank, where rank == token id), and tiktoken encodes/decodes them fast. On top:
+
+- special tokens for the chat protocol and tools, reserved after the merged vocabulary;
+- loaders for GPT-2 `vocab.json` + `merges.txt`, `.tiktoken` rank files and Hugging Face
+  `tokenizer.json`, and an exporter to `tokenizer.json` + chat template for `transformers`;
+- `render_conversation` (ids + loss mask), `render_prompt` and `parse_conversation`.
+
+Security boundary: `encode(text)` never produces a special token, whatever the text says. A user
+typing "<|assistant_start|>" gets the bytes of that string, not the control token. Only
+`encode(text, allow_special=True)`, for trusted strings, maps them to control ids.
+"""
+
+from __future__ import annotations
+
+import base64
+import glob
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from chatforge.common import ChatforgeError, atomic_write_text, data_dir, data_path, physical_cores
+
+# ----------------------------------------------------------------------------------------------
+# Split patterns and special tokens
+
+PATTERNS = {
+    # GPT-4 (cl100k_base) pattern: case-insensitive contractions, numbers in groups of 1-3 digits,
+    # punctuation runs with trailing newlines, whitespace runs. https://github.com/openai/tiktoken
+    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""",
+    # GPT-2 pattern (Radford et al. 2019), also the default of HF's ByteLevel pre-tokenizer.
+    "gpt2": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+}
+
+# The chat protocol. Ids follow the merged vocabulary in this order.
+#   <|bos|>                                  starts every document and every conversation
+#   <|system_start|> ... <|system_end|>      system prompt
+#   <|user_start|> ... <|user_end|>          user turn
+#   <|assistant_start|> ... <|assistant_end|> assistant turn (assistant_end doubles as end of reply)
+#   <|python_start|> code <|python_end|>     assistant calls the Python sandbox
+#   <|search_start|> query <|search_end|>    assistant calls the search tool
+#   <|output_start|> ... <|output_end|>      tool result, inserted by the engine, never trained on
+SPECIAL_TOKENS = [
+    "<|bos|>",
+    "<|system_start|>", "<|system_end|>",
+    "<|user_start|>", "<|user_end|>",
+    "<|assistant_start|>", "<|assistant_end|>",
+    "<|python_start|>", "<|python_end|>",
+    "<|search_start|>", "<|search_end|>",
+    "<|output_start|>", "<|output_end|>",
+]
+TOOL_TOKENS = {"python": ("<|python_start|>", "<|python_end|>"),
+               "search": ("<|search_start|>", "<|search_end|>")}
+
+RANKS_FILE = "tokenizer.tiktoken"
+META_FILE = "chatforge_tokenizer.json"
+
+
+def resolve_pattern(pattern: str) -> str:
+    return PATTERNS.get(pattern, pattern)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a text corpus: .txt[.gz], .jsonl[.gz], .parquet
+
+
+@dataclass
+class CorpusStats:
+    files: int = 0
+    documents: int = 0
+    chars: int = 0
+    truncated: int = 0
+    bad_records: int = 0
+
+
+def expand_corpus(paths: Iterable[str], data_dir_setting: str = "") -> list[Path]:
+    """Files named by paths or globs; relative names are looked up in the data dir too."""
+    out: list[Path] = []
+    for p in paths:
+        if any(ch in p for ch in "*?["):
+            root = "" if os.path.isabs(p) else str(data_dir(data_dir_setting))
+            hits = sorted(glob.glob(p)) or sorted(glob.glob(os.path.join(root, p)))
+            if not hits:
+                raise ChatforgeError(f"corpus glob '{p}' matches no file (cwd and data dir {root or '/'})")
+            out.extend(Path(h) for h in hits)
+        else:
+            out.append(data_path(p, data_dir_setting))
+    for f in out:
+        if f.is_dir():
+            raise ChatforgeError(f"corpus entry '{f}' is a folder; give files or a glob like '{f}/*.parquet'")
+    return out
+
+
+def _open_text(path: Path):
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", errors="strict", newline="")
+    return open(path, "r", encoding="utf-8", errors="strict", newline="")
+
+
+def record_text(rec: Any) -> str:
+    """The text of a JSON record: its 'text' field; else every nested 'text' field joined by blank
+    lines (OASST message trees); else its string values and lists of strings joined by newlines
+    (GSM8K question+answer, MT-bench turns, HumanEval prompt+solution).
+
+    >>> record_text({"question": "1+1?", "answer": "2"})
+    '1+1?\\n2'
+    """
+    if isinstance(rec, str):
+        return rec
+    if not isinstance(rec, dict):
+        return ""
+    if isinstance(rec.get("text"), str):
+        return rec["text"]
+    nested: list[str] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            if isinstance(x.get("text"), str):
+                nested.append(x["text"])
+            for k, v in x.items():
+                if k != "text":
+                    walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(rec)
+    if nested:
+        return "\n\n".join(nested)
+    parts: list[str] = []
+    for v in rec.values():
+        if isinstance(v, str):
+            parts.append(v)
+        elif isinstance(v, list):
+            parts.extend(x for x in v if isinstance(x, str))
+    return "\n".join(parts)
+
+
+def _split_plain(text: str, doc_chars: int) -> Iterator[str]:
+    """Plain text has no document boundaries: blank-line separated blocks are documents, and a block
+    longer than doc_chars is cut on line boundaries so nothing is thrown away."""
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        if len(block) <= doc_chars:
+            yield block
+            continue
+        piece: list[str] = []
+        size = 0
+        for line in block.split("\n"):
+            if size + len(line) + 1 > doc_chars and piece:
+                yield "\n".join(piece)
+                piece, size = [], 0
+            piece.append(line)
+            size += len(line) + 1
+        if piece:
+            yield "\n".join(piece)
+
+
+def _iter_file(path: Path, doc_chars: int, stats: CorpusStats) -> Iterator[str]:
+    name = path.name.removesuffix(".gz")
+    try:
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            try:
+                pf = pq.ParquetFile(path)
+            except Exception as e:  # pyarrow raises several types for a bad file
+                raise ChatforgeError(f"corpus file '{path}' is not a readable parquet file ({e})") from None
+            if "text" not in pf.schema_arrow.names:
+                raise ChatforgeError(f"corpus file '{path}' has no 'text' column (columns: {pf.schema_arrow.names})")
+            for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+                for t in batch.column(0).to_pylist():
+                    if t:
+                        yield t
+                    else:
+                        stats.bad_records += 1
+        elif name.endswith((".jsonl", ".json")):
+            with _open_text(path) as f:
+                first = f.read(1)
+                f.seek(0)
+                if name.endswith(".json") and first == "[":  # a JSON list of records
+                    records: Iterable[Any] = json.load(f)
+                    for rec in records:
+                        t = record_text(rec)
+                        if t:
+                            yield t
+                        else:
+                            stats.bad_records += 1
+                    return
+                for line in f:
+                    if not line.strip():
+                        continue
+                    try:
+                        t = record_text(json.loads(line))
+                    except json.JSONDecodeError:
+                        t = ""
+                    if t:
+                        yield t
+                    else:
+                        stats.bad_records += 1  # a long job skips and counts a bad record
+        else:
+            with _open_text(path) as f:
+                yield from _split_plain(f.read(), doc_chars)
+    except UnicodeDecodeError as e:
+        raise ChatforgeError(
+            f"corpus file '{path}' is not valid UTF-8 (byte {e.object[e.start:e.start + 1]!r} at offset "
+            f"~{e.start} of a chunk); convert it first, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
+    except (OSError, EOFError) as e:
+        raise ChatforgeError(f"corpus file '{path}' could not be read ({e})") from None
+
+
+def iter_documents(paths: Iterable[str], data_dir_setting: str = "", doc_chars: int = 10_000,
+                   max_chars: int = 0, stats: CorpusStats | None = None) -> Iterator[str]:
+    """Documents from a corpus, each truncated to doc_chars, stopping after max_chars in total
+    (0 = no limit). `stats` is filled in as documents are read."""
+    stats = stats if stats is not None else CorpusStats()
+    files = expand_corpus(paths, data_dir_setting)
+    for path in files:
+        stats.files += 1
+        for doc in _iter_file(path, doc_chars, stats):
+            if len(doc) > doc_chars:
+                doc = doc[:doc_chars]
+                stats.truncated += 1
+            stats.documents += 1
+            stats.chars += len(doc)
+            yield doc
+            if max_chars and stats.chars >= max_chars:
+                return
+
+
+# ----------------------------------------------------------------------------------------------
+# GPT-2 byte <-> unicode mapping used by vocab.json/merges.txt and HF ByteLevel.
+
+
+@lru_cache(maxsize=None)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 bytes to printable unicode characters: printable
+    latin-1 bytes map to themselves, the rest to chr(256+n) in byte order.
+
+    >>> bytes_to_unicode()[ord(" ")], bytes_to_unicode()[ord("a")]
+    ('Ġ', 'a')
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + n)
+            n += 1
+    return mapping
+
+
+@lru_cache(maxsize=None)
+def unicode_to_bytes() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def _token_str_to_bytes(token: str, source: str) -> bytes:
+    table = unicode_to_bytes()
+    try:
+        return bytes(table[c] for c in token)
+    except KeyError:
+        raise ChatforgeError(f"{source}: token {token!r} is not byte-level BPE text (GPT-2 style)") from None
+
+
+def _bytes_to_token_str(b: bytes) -> str:
+    table = bytes_to_unicode()
+    return "".join(table[x] for x in b)
+
+
+def _ranks_from_vocab_merges(vocab: dict[str, int], merges: list[tuple[str, str]], source: str):
+    """(mergeable_ranks, special_tokens) from a byte-level BPE vocab + merges.
+
+    tiktoken merges by the rank (= id) of the merged token, HF BPE by the merge's position; they
+    agree when ids grow with merge order, which holds for GPT-2 and for our own exports. Tokens that
+    are neither a single byte nor a merge result (GPT-2's <|endoftext|>) become special tokens.
+    """
+    merged = {a + b for a, b in merges}
+    ranks: dict[bytes, int] = {}
+    specials: dict[str, int] = {}
+    for tok, idx in vocab.items():
+        if len(tok) == 1 or tok in merged:
+            ranks[_token_str_to_bytes(tok, source)] = idx
+        else:
+            specials[tok] = idx
+    last = -1
+    for a, b in merges:
+        idx = vocab.get(a + b)
+        if idx is None or a not in vocab or b not in vocab:
+            raise ChatforgeError(f"{source}: merge '{a} {b}' uses a token missing from the vocab")
+        if idx <= last:
+            raise ChatforgeError(f"{source}: token ids do not follow merge order (at merge '{a} {b}'); "
+                                 "tiktoken needs rank == id, so this vocab cannot be loaded")
+        last = idx
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ChatforgeError(f"{source}: mergeable token ids are not 0..{len(ranks) - 1}")
+    return ranks, specials
+
+
+def _bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
+    """Run BPE on `token` using only merges ranked below max_rank (used to recover merge pairs)."""
+    parts = [bytes([b]) for b in token]
+    while True:
+        best, best_rank = None, None
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < max_rank and (best_rank is None or r < best_rank):
+                best, best_rank = i, r
+        if best is None:
+            return parts
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+
+
+# ----------------------------------------------------------------------------------------------
+# The tokenizer
+
+
+class Tokenizer:
+    """tiktoken-backed byte-level BPE with chatforge's special tokens."""
+
+    def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = "gpt4",
+                 special_tokens: dict[str, int] | None = None, name: str = "chatforge"):
+        import tiktoken
+
+        self.pattern = resolve_pattern(pattern)
+        self.mergeable_ranks = mergeable_ranks
+        self.special_tokens = dict(special_tokens or {})
+        self.name = name
+        try:
+            self.enc = tiktoken.Encoding(name, pat_str=self.pattern, mergeable_ranks=mergeable_ranks,
+                                         special_tokens=self.special_tokens)
+        except Exception as e:  # tiktoken raises ValueError for a bad regex or clashing ids
+            raise ChatforgeError(f"tokenizer '{name}': tiktoken rejected it ({e})") from None
+        self.id_to_special = {i: s for s, i in self.special_tokens.items()}
+
+    # -- training -------------------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, pattern: str = "gpt4",
+              special_tokens: list[str] = SPECIAL_TOKENS) -> "Tokenizer":
+        """Train a byte-level BPE with rustbpe; specials take the last len(special_tokens) ids."""
+        import rustbpe
+
+        n_merged = vocab_size - len(special_tokens)
+        if n_merged < 256:
+            raise ChatforgeError(
+                f"--vocab_size {vocab_size} is too small: 256 byte tokens + {len(special_tokens)} special "
+                f"tokens need at least {256 + len(special_tokens)}"
+            )
+        bpe = rustbpe.Tokenizer()
+        bpe.train_from_iterator(iter(texts), vocab_size=n_merged, pattern=resolve_pattern(pattern))
+        ranks = {bytes(b): r for b, r in bpe.get_mergeable_ranks()}
+        if len(ranks) < n_merged:
+            # rustbpe stops early when no pair occurs twice: the corpus is too small for this vocab.
+            raise ChatforgeError(f"the corpus only supports {len(ranks)} merged tokens, fewer than "
+                                 f"--vocab_size {vocab_size} asks for; give more text or a smaller vocab")
+        specials = {s: n_merged + i for i, s in enumerate(special_tokens)}
+        return cls(ranks, pattern, specials)
+
+    # -- encode / decode -----------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+    @property
+    def bos_id(self) -> int:
+        return self.special("<|bos|>")
+
+    def special(self, name: str) -> int:
+        try:
+            return self.special_tokens[name]
+        except KeyError:
+            raise ChatforgeError(f"tokenizer '{self.name}' has no special token {name}") from None
+
+    def encode(self, text: str, allow_special: bool = False, bos: bool = False) -> list[int]:
+        """Text to ids. Special-token strings inside `text` are plain text unless allow_special."""
+        ids = self.enc.encode(text, allowed_special="all") if allow_special else self.enc.encode_ordinary(text)
+        return [self.bos_id, *ids] if bos else ids
+
+    def encode_batch(self, texts: list[str], num_threads: int = 0, bos: bool = False) -> list[list[int]]:
+        """Many texts at once on tiktoken's thread pool (ordinary text only)."""
+        out = self.enc.encode_ordinary_batch(texts, num_threads=num_threads or physical_cores())
+        if bos:
+            out = [[self.bos_id, *ids] for ids in out]
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.enc.decode(list(ids), errors="replace")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.enc.decode_bytes(list(ids))
+
+    def token_bytes(self) -> list[int]:
+        """UTF-8 byte length of every id (0 for specials): the denominator of bits-per-byte."""
+        out = [0] * self.vocab_size
+        for b, r in self.mergeable_ranks.items():
+            out[r] = len(b)
+        return out
+
+    # -- chat protocol -------------------------------------------------------------------------
+
+    def render_conversation(self, messages: list[dict], max_tokens: int | None = None):
+        """Conversation -> (ids, loss_mask). See `render_conversation` below."""
+        return render_conversation(self, messages, max_tokens)
+
+    def render_prompt(self, messages: list[dict]) -> list[int]:
+        return render_prompt(self, messages)
+
+    def parse_conversation(self, ids: list[int]) -> list[dict]:
+        return parse_conversation(self, ids)
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write `tokenizer.tiktoken` (tiktoken's base64 rank format) + `chatforge_tokenizer.json`."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        lines = [f"{base64.b64encode(b).decode()} {r}" for b, r in sorted(self.mergeable_ranks.items(),
+                                                                           key=lambda kv: kv[1])]
+        atomic_write_text(d / RANKS_FILE, "\n".join(lines) + "\n")
+        atomic_write_text(d / META_FILE, json.dumps({
+            "name": self.name, "pattern": self.pattern, "special_tokens": self.special_tokens,
+            "vocab_size": self.vocab_size}, indent=2) + "\n")
+        return d
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load from a chatforge tokenizer folder, a GPT-2 folder (vocab.json + merges.txt),
+        a Hugging Face tokenizer.json (or its folder), or a .tiktoken rank file (GPT-4 pattern)."""
+        p = Path(path)
+        if p.is_dir():
+            if (p / META_FILE).exists():
+                meta = _read_json(p / META_FILE)
+                try:
+                    pattern, specials = meta["pattern"], meta["special_tokens"]
+                except (KeyError, TypeError):
+                    raise ChatforgeError(f"tokenizer file '{p / META_FILE}' lacks 'pattern' or 'special_tokens'") from None
+                return cls(load_tiktoken_ranks(p / RANKS_FILE), pattern, specials, meta.get("name", p.name))
+            if (p / "vocab.json").exists() and (p / "merges.txt").exists():
+                return cls.from_gpt2_files(p / "vocab.json", p / "merges.txt")
+            if (p / "tokenizer.json").exists():
+                return cls.from_hf_json(p / "tokenizer.json")
+            raise ChatforgeError(f"tokenizer folder '{p}' has none of {META_FILE}, vocab.json+merges.txt, "
+                                 "tokenizer.json; train one with `chatforge tokenizer`")
+        if not p.exists():
+            raise ChatforgeError(f"tokenizer '{p}' not found")
+        if p.name.endswith(".json"):
+            return cls.from_hf_json(p)
+        return cls(load_tiktoken_ranks(p), "gpt4", {}, p.stem)
+
+    @classmethod
+    def from_gpt2_files(cls, vocab_file: str | os.PathLike, merges_file: str | os.PathLike) -> "Tokenizer":
+        vocab = _read_json(vocab_file)
+        if not isinstance(vocab, dict):
+            raise ChatforgeError(f"tokenizer file '{vocab_file}' is not a JSON object of token -> id")
+        merges = []
+        try:
+            text = Path(merges_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ChatforgeError(f"tokenizer file '{merges_file}' could not be read ({e})") from None
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line or line.startswith("#version"):
+                continue
+            pair = line.split(" ")
+            if len(pair) != 2:
+                raise ChatforgeError(f"tokenizer file '{merges_file}' line {n}: expected 'a b', got {line!r}")
+            merges.append((pair[0], pair[1]))
+        ranks, specials = _ranks_from_vocab_merges(vocab, merges, str(vocab_file))
+        return cls(ranks, "gpt2", specials, "gpt2")
+
+    @classmethod
+    def from_hf_json(cls, path: str | os.PathLike) -> "Tokenizer":
+        data = _read_json(path)
+        model = data.get("model", {}) if isinstance(data, dict) else {}
+        if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+            raise ChatforgeError(f"tokenizer file '{path}' is not a byte-level BPE tokenizer.json "
+                                 f"(model type {model.get('type')!r}); only byte-level BPE is supported")
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+        vocab = dict(model["vocab"])
+        for added in data.get("added_tokens", []):
+            vocab.setdefault(added["content"], added["id"])
+        ranks, specials = _ranks_from_vocab_merges(vocab, merges, str(path))
+        return cls(ranks, _hf_pattern(data.get("pre_tokenizer"), path), specials, Path(path).parent.name)
+
+    def export_hf(self, directory: str | os.PathLike) -> Path:
+        """Write tokenizer.json + tokenizer_config.json (with the chat template) for transformers."""
+        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        vocab = {_bytes_to_token_str(b): r for b, r in self.mergeable_ranks.items()}
+        merges = []
+        for b, r in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
+            if len(b) < 2:
+                continue
+            parts = _bpe_split(self.mergeable_ranks, b, r)
+            if len(parts) != 2:
+                raise ChatforgeError(f"token {b!r} (id {r}) is not the merge of two earlier tokens; "
+                                     "cannot express this vocab as HF BPE merges")
+            merges.append((_bytes_to_token_str(parts[0]), _bytes_to_token_str(parts[1])))
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        hf.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(self.pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        hf.decoder = decoders.ByteLevel()
+        for s, i in sorted(self.special_tokens.items(), key=lambda kv: kv[1]):
+            hf.add_special_tokens([AddedToken(s, special=True, normalized=False)])
+            if hf.token_to_id(s) != i:
+                raise ChatforgeError(f"special token {s} got id {hf.token_to_id(s)} in the HF export, not {i}")
+        hf.save(str(d / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                  "model_max_length": 1_000_000}
+        if "<|bos|>" in self.special_tokens:
+            config.update(bos_token="<|bos|>", eos_token="<|assistant_end|>", chat_template=CHAT_TEMPLATE)
+        atomic_write_text(d / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        return d
+
+
+def _read_json(path: str | os.PathLike) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ChatforgeError(f"tokenizer file '{path}' not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ChatforgeError(f"tokenizer file '{path}' is corrupt: not valid JSON ({e})") from None
+
+
+def load_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
+    """Read tiktoken's rank format: one `base64(token_bytes) rank` per line."""
+    ranks: dict[bytes, int] = {}
+    try:
+        text = Path(path).read_text(encoding="ascii")
+    except FileNotFoundError:
+        raise ChatforgeError(f"tokenizer file '{path}' not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ChatforgeError(f"tokenizer file '{path}' is corrupt: not a tiktoken rank file ({e})") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line:
+            continue
+        try:
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok, validate=True)] = int(rank)
+        except ValueError:
+            raise ChatforgeError(f"tokenizer file '{path}' is corrupt at line {n}: expected "
+                                 f"'<base64> <rank>', got {line[:60]!r}") from None
+    if not ranks:
+        raise ChatforgeError(f"tokenizer file '{path}' is empty")
+    return ranks
+
+
+def _hf_pattern(pre: dict | None, path) -> str:
+    """The split regex of a HF pre-tokenizer: a Split's regex, or GPT-2's for ByteLevel(use_regex)."""
+    if not pre:
+        raise ChatforgeError(f"tokenizer file '{path}' has no pre_tokenizer; cannot infer the split pattern")
+    items = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    for item in items:
+        if item.get("type") == "Split" and "Regex" in item.get("pattern", {}):
+            return item["pattern"]["Regex"]
+    for item in items:
+        if item.get("type") == "ByteLevel" and item.get("use_regex", True):
+            return PATTERNS["gpt2"]
+    raise ChatforgeError(f"tokenizer file '{path}': unsupported pre_tokenizer {pre.get('type')}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat protocol
+#
+# A conversation is a list of messages:
+#   {"role": "system" | "user", "content": str}
+#   {"role": "assistant", "content": str, "tool_calls": [{"name": "python" | "search", "arguments": str}]}
+#   {"role": "tool", "name": "python" | "search", "content": str}
+# A tool call and its output live inside one assistant turn, the way the engine produces them:
+#   <|assistant_start|>Let me compute.<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|>
+#   It is 42.<|assistant_end|>
+# so an assistant message that ends in a tool call has no <|assistant_end|>, and the assistant message
+# after a tool result continues the same turn (no new <|assistant_start|>).
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<|system_start|>{{ m['content'] }}<|system_end|>"
+    "{% elif m['role'] == 'user' %}<|user_start|>{{ m['content'] }}<|user_end|>"
+    "{% elif m['role'] == 'tool' %}<|output_start|>{{ m['content'] }}<|output_end|>"
+    "{% elif m['role'] == 'assistant' %}"
+    "{% if loop.first or loop.previtem['role'] != 'tool' %}<|assistant_start|>{% endif %}"
+    "{{ m['content'] or '' }}"
+    "{% for c in m.get('tool_calls') or [] %}<|{{ c['name'] }}_start|>{{ c['arguments'] }}<|{{ c['name'] }}_end|>{% endfor %}"
+    "{% if not m.get('tool_calls') %}<|assistant_end|>{% endif %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt and (messages | length == 0 or messages[-1]['role'] != 'tool') %}<|assistant_start|>{% endif %}"
+)
+
+
+def _tool_calls(message: dict) -> list[tuple[str, str]]:
+    calls = []
+    for c in message.get("tool_calls") or []:
+        fn = c.get("function", c)  # accept OpenAI's {"function": {...}} wrapping too
+        name, args = fn.get("name"), fn.get("arguments", "")
+        if name not in TOOL_TOKENS:
+            raise ChatforgeError(f"tool call to unknown tool {name!r}; known: {', '.join(TOOL_TOKENS)}")
+        calls.append((name, args if isinstance(args, str) else json.dumps(args)))
+    return calls
+
+
+def _render(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int], bool]:
+    """(ids, mask, mid_turn): mid_turn is True when the last message leaves an assistant turn open."""
+    ids, mask = [tok.bos_id], [0]
+
+    def add(new: list[int], m: int) -> None:
+        ids.extend(new)
+        mask.extend([m] * len(new))
+
+    mid_turn = False
+    for i, msg in enumerate(messages):
+        role, content = msg.get("role"), msg.get("content") or ""
+        if not isinstance(content, str):
+            raise ChatforgeError(f"message {i}: content must be a string, got {type(content).__name__}")
+        if role in ("system", "user"):
+            if mid_turn:
+                raise ChatforgeError(f"message {i}: a {role} message cannot follow an unanswered tool call")
+            add([tok.special(f"<|{role}_start|>")], 0)
+            add(tok.encode(content), 0)
+            add([tok.special(f"<|{role}_end|>")], 0)
+        elif role == "assistant":
+            if not mid_turn:
+                add([tok.special("<|assistant_start|>")], 0)
+            add(tok.encode(content), 1)
+            calls = _tool_calls(msg)
+            for name, args in calls:
+                start, end = TOOL_TOKENS[name]
+                add([tok.special(start)], 1)
+                add(tok.encode(args), 1)
+                add([tok.special(end)], 1)
+            mid_turn = bool(calls)
+            if not calls:
+                add([tok.special("<|assistant_end|>")], 1)
+        elif role == "tool":
+            if not mid_turn:
+                raise ChatforgeError(f"message {i}: a tool result must follow an assistant tool call")
+            add([tok.special("<|output_start|>")], 0)
+            add(tok.encode(content), 0)
+            add([tok.special("<|output_end|>")], 0)
+        else:
+            raise ChatforgeError(f"message {i}: unknown role {role!r} (system, user, assistant, tool)")
+    return ids, mask, mid_turn
+
+
+def render_conversation(tok: Tokenizer, messages: list[dict], max_tokens: int | None = None):
+    """Conversation -> (ids, loss_mask). The mask is 1 exactly on what the assistant produces: its
+    text, its tool-call tokens and its <|assistant_end|>; 0 on <|bos|>, system, user, the
+    <|assistant_start|> that primes a reply, and tool outputs (inserted by the engine, not sampled).
+    `max_tokens` truncates both."""
+    ids, mask, _ = _render(tok, messages)
+    if max_tokens is not None:
+        ids, mask = ids[:max_tokens], mask[:max_tokens]
+    return ids, mask
+
+
+def render_prompt(tok: Tokenizer, messages: list[dict]) -> list[int]:
+    """Ids that end exactly where the assistant should write next: after <|assistant_start|>, or
+    after a tool output when the assistant's turn is still open."""
+    ids, _, mid_turn = _render(tok, messages)
+    if not mid_turn:
+        ids.append(tok.special("<|assistant_start|>"))
+    return ids
+
+
+def parse_conversation(tok: Tokenizer, ids: list[int]) -> list[dict]:
+    """Token ids -> messages, the inverse of render_conversation (a trailing unfinished assistant
+    turn is returned as it stands)."""
+    sp = tok.special_tokens
+    start_role = {sp[f"<|{r}_start|>"]: r for r in ("system", "user", "assistant")}
+    end_role = {sp[f"<|{r}_end|>"]: r for r in ("system", "user", "assistant")}
+    tool_start = {sp[s]: name for name, (s, _) in TOOL_TOKENS.items()}
+    tool_end = {sp[e]: name for name, (_, e) in TOOL_TOKENS.items()}
+    out_start, out_end = sp["<|output_start|>"], sp["<|output_end|>"]
+
+    messages: list[dict] = []
+    role: str | None = None  # open section: system/user/assistant/tool/python/search
+    buf: list[int] = []
+    current: dict | None = None  # the assistant message being built
+
+    def text() -> str:
+        s = tok.decode(buf)
+        buf.clear()
+        return s
+
+    for t in ids:
+        if t == tok.bos_id:
+            continue
+        if t in start_role:
+            role = start_role[t]
+            if role == "assistant":
+                current = {"role": "assistant", "content": ""}
+        elif t in end_role and role == end_role[t]:
+            if role == "assistant":
+                current["content"] += text()
+                messages.append(current)
+                current = None
+            else:
+                messages.append({"role": role, "content": text()})
+            role = None
+        elif t in tool_start and role == "assistant":
+            current["content"] += text()
+            role = tool_start[t]
+        elif t in tool_end and role == tool_end[t]:
+            current.setdefault("tool_calls", []).append({"name": role, "arguments": text()})
+            role = "assistant"
+        elif t == out_start:
+            if current is not None:
+                messages.append(current)
+            role = "tool"
+        elif t == out_end and role == "tool":
+            call = messages[-1].get("tool_calls", [{}])[-1].get("name", "python") if messages else "python"
+            messages.append({"role": "tool", "name": call, "content": text()})
+            current, role = {"role": "assistant", "content": ""}, "assistant"
+        else:
+            buf.append(t)
+    if current is not None and role is not None:
+        current["content"] += text()
+        if current["content"] or current.get("tool_calls"):
+            messages.append(current)
+    return messages
