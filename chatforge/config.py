@@ -61,10 +61,73 @@ class TokenizerConfig(CommonConfig):
     report_chars: int = option(200_000, "characters of held-out text per kind for the compression report")
 
 
+@dataclass
+class PretrainConfig(CommonConfig):
+    """Base-model pretraining. Fields left at 0 are derived from --depth by
+    `chatforge.stages.pretrain.derive_settings` (printed before training); any of them can be set."""
+
+    # data
+    corpus: list[str] = option(
+        [], "training text: files or globs (.txt[.gz], .jsonl[.gz], .parquet) as for the tokenizer; "
+            "empty: the corpus this run's tokenizer stage read")
+    max_chars: int = option(0, "stop reading the corpus after this many characters (0 = all of it)")
+    doc_chars: int = option(100_000, "cut documents longer than this many characters")
+    val_fraction: float = option(0.02, "share of documents held out for validation (every round(1/x)-th)")
+    # model size: one dial
+    depth: int = option(20, "the size dial: Transformer blocks; width = 64*depth and the rest follow")
+    n_embd: int = option(0, "residual width; 0 = 64*depth (rounded to whole heads)")
+    n_head: int = option(0, "attention heads; 0 = width/64 (width/128 from depth 16)")
+    n_kv_head: int = option(0, "key/value heads (grouped-query attention); 0 = n_head")
+    max_seq_len: int = option(2048, "context length in tokens")
+    # batch and budget
+    device_batch_size: int = option(32, "sequences per device per micro-step; lower it when out of memory")
+    total_batch_size: int = option(0, "tokens per optimizer step over all ranks; 0 = derived (power of 2)")
+    num_iterations: int = option(0, "optimizer steps; 0 = tokens (ratio x parameters) / batch")
+    target_param_data_ratio: float = option(20.0, "training tokens per parameter when num_iterations is 0")
+    # optimizer
+    matrix_lr: float = option(0.02, "Muon learning rate for the 2-D block weights")
+    embedding_lr: float = option(0.2, "AdamW learning rate for the token embedding (x (width/768)^-0.5)")
+    unembedding_lr: float = option(0.004, "AdamW learning rate for the output head (x (width/768)^-0.5)")
+    scalar_lr: float = option(0.02, "AdamW learning rate for norm weights (x (width/768)^-0.5)")
+    weight_decay: float = option(0.0, "Muon decoupled weight decay")
+    warmup_ratio: float = option(0.0, "share of steps spent ramping the learning rate up")
+    warmdown_ratio: float = option(0.2, "share of steps at the end spent decaying the learning rate")
+    final_lr_frac: float = option(0.0, "learning rate at the last step, as a share of the peak")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)")
+    # evaluation, logging, checkpoints
+    eval_every: int = option(250, "steps between validation bits-per-byte evaluations (0 = only at the end)")
+    eval_tokens: int = option(10_485_760, "validation tokens per evaluation")
+    sample_every: int = option(2000, "steps between sampled completions in the log (0 = only at the end)")
+    checkpoint_every: int = option(1000, "steps between checkpoints (0 = only at the end / on interrupt)")
+    resume: bool = option(True, "continue from this run's last checkpoint if there is one")
+    # hardware
+    dtype: str = option("auto", "auto | float32 | bfloat16; auto = bf16 autocast on CUDA, float32 elsewhere")
+    compile: bool = option(False, "torch.compile the model (CUDA only)")
+    fsdp: bool = option(False, "shard the model with FSDP2 fully_shard instead of DDP replicas")
+    dry_run: bool = option(False, "print the derived settings and time/cost estimates, then exit")
+
+
+@dataclass
+class SampleConfig:
+    """`chatforge sample CHECKPOINT`: complete a prompt with a base (or any) checkpoint."""
+
+    checkpoint: str = option("", "checkpoint folder (e.g. runs/tiny/pretrain/checkpoint)")
+    prompt: str = option("", "text to complete")
+    prompt_file: str = option("", "read the prompt from this file (few-shot examples, a document start)")
+    max_tokens: int = option(200, "tokens to generate")
+    temperature: float = option(0.8, "sampling temperature; 0 = greedy")
+    top_k: int = option(50, "sample among the k most likely tokens (0 = all)")
+    top_p: float = option(1.0, "nucleus sampling: smallest set of tokens reaching this probability")
+    num_samples: int = option(1, "completions to draw")
+    seed: int = option(1337, "random seed")
+    device: str = option("auto", "cuda | mps | cpu | auto")
+    threads: int = option(0, "torch threads; 0 = one per core")
+
+
 # ----------------------------------------------------------------------------------------------
 # Presets: named bundles of settings, per stage. A preset only sets fields; flags still override.
 
-STAGE_CONFIGS: dict[str, type] = {"tokenizer": TokenizerConfig}
+STAGE_CONFIGS: dict[str, type] = {"tokenizer": TokenizerConfig, "pretrain": PretrainConfig}
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # 2 CPU cores, minutes end to end: a small vocab keeps the embedding and head cheap on CPU.
@@ -81,11 +144,29 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             ],
             "max_chars": 20_000_000,
         },
+        # Time-boxed for 2 cores (<= 10 minutes, fp32): far below Chinchilla's 20 tokens/parameter,
+        # so the step count is set directly. Measured numbers: bench/RESULTS.md.
+        "pretrain": {
+            "depth": 4, "max_seq_len": 256, "device_batch_size": 16, "total_batch_size": 8192,
+            "num_iterations": 250, "warmup_ratio": 0.02, "warmdown_ratio": 0.4, "val_fraction": 0.03,
+            "eval_every": 100, "eval_tokens": 131072, "sample_every": 250, "checkpoint_every": 100,
+        },
     },
     # One GPU, a few hours; the tokenizer matches nanochat's size class.
     "gpu": {
         "common": {"run": "gpu"},
         "tokenizer": {"vocab_size": 32768, "max_chars": 2_000_000_000},
+        # depth 12 (~135M parameters, 20 tokens/parameter): about 2 hours on one H100.
+        "pretrain": {"depth": 12, "max_seq_len": 2048, "device_batch_size": 32, "compile": True,
+                     "eval_every": 250, "sample_every": 2000, "checkpoint_every": 1000},
+    },
+    # torchrun --nproc_per_node=8 on one 8xH100 node, a few hours: nanochat's speedrun size class.
+    "8xh100": {
+        "common": {"run": "8xh100"},
+        "tokenizer": {"vocab_size": 32768, "max_chars": 2_000_000_000},
+        # depth 20 (~480M parameters, 20 tokens/parameter).
+        "pretrain": {"depth": 20, "max_seq_len": 2048, "device_batch_size": 32, "compile": True,
+                     "eval_every": 250, "sample_every": 2000, "checkpoint_every": 1000},
     },
 }
 
@@ -179,6 +260,9 @@ def load_toml(path: str | os.PathLike, stage: str) -> tuple[str | None, dict[str
         if key in STAGE_CONFIGS:
             if key == stage:
                 values.update(value)
+        elif isinstance(value, dict):
+            raise ConfigError(f"--config {path}: unknown section [{key}]; sections name stages: "
+                              f"{', '.join(STAGE_CONFIGS)}")
         else:
             values[key] = value
     return preset, values

@@ -394,6 +394,11 @@ class Tokenizer:
             out = [[self.bos_id, *ids] for ids in out]
         return out
 
+    def encode_bytes(self, data: bytes) -> list[int]:
+        """Arbitrary bytes (not necessarily UTF-8) to ids; decode_bytes inverts it exactly.
+        Uses tiktoken's byte-level entry point (`_encode_bytes`, stable since tiktoken 0.4)."""
+        return self.enc._encode_bytes(data)
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.enc.decode(list(ids), errors="replace")
 

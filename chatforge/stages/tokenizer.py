@@ -9,6 +9,7 @@ Reads: text files (or the data stage's parquet shards). Writes to runs/<run>/tok
 
 from __future__ import annotations
 
+import itertools
 import time
 
 from tqdm import tqdm
@@ -88,22 +89,24 @@ def run(cfg: TokenizerConfig) -> dict:
 def _train(cfg: TokenizerConfig, run: StageRun, paths: list[str], threads: int) -> dict:
     stats = CorpusStats()
     docs = iter_documents(paths, cfg.data_dir, cfg.doc_chars, cfg.max_chars, stats)
+    first = next(docs, None)
+    if first is None:
+        raise ChatforgeError(f"corpus {paths} holds no documents")
     log0(f"tokenizer: training vocab {cfg.vocab_size} on {len(paths)} file(s), up to {cfg.max_chars:,} chars")
-    bar = tqdm(total=cfg.max_chars, unit="char", unit_scale=True, desc="reading corpus", leave=False)
 
-    def counted():
+    def counted(bar):
         last = 0
-        for d in docs:
+        for d in itertools.chain([first], docs):
             yield d
             bar.update(stats.chars - last)
             last = stats.chars
 
     t0 = time.time()
-    tok = Tokenizer.train(counted(), cfg.vocab_size, cfg.pattern)
-    bar.close()
+    # disable=None: a progress bar on a terminal, nothing in CI logs
+    with tqdm(total=cfg.max_chars, unit="char", unit_scale=True, desc="reading corpus", leave=False,
+              disable=None) as bar:
+        tok = Tokenizer.train(counted(bar), cfg.vocab_size, cfg.pattern)
     train_s = time.time() - t0
-    if stats.documents == 0:
-        raise ChatforgeError(f"corpus {paths} holds no documents")
     log0(f"tokenizer: {stats.documents:,} documents, {stats.chars:,} chars read; trained in {train_s:.1f}s "
          f"({stats.chars / train_s / 1e6:.2f} M chars/s); {stats.bad_records} bad records skipped")
     run.log(event="train", seconds=round(train_s, 3), **vars(stats))
