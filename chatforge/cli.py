@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 
 from chatforge import config as C
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="datasets: list and download named public datasets")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    dsub.add_parser("list", help="list the named datasets and whether they are in the data dir")
+    ls = dsub.add_parser("list", help="list the named datasets and whether they are in the data dir")
+    ls.add_argument("--data_dir", "--data-dir", default="", help="folder to check (default: $CHATFORGE_DATA_DIR)")
     dl = dsub.add_parser("download", help="fetch a named dataset from its public origin into the data dir")
     dl.add_argument("names", nargs="+", metavar="NAME", help="dataset name(s), or 'all'")
     dl.add_argument("--data_dir", "--data-dir", default="", help="target folder (default: $CHATFORGE_DATA_DIR)")
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             from chatforge import datasets
 
             if args.data_command == "list":
-                datasets.print_list(args.data_dir if hasattr(args, "data_dir") else "")
+                datasets.print_list(args.data_dir)
             else:
                 datasets.download(args.names, data_dir=args.data_dir, mirror=args.mirror, force=args.force)
             return 0
@@ -91,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ChatforgeError, C.ConfigError) as e:
         print(f"chatforge {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `chatforge data list | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"\nchatforge {args.command}: interrupted; completed work is kept, rerun to resume",
               file=sys.stderr)
