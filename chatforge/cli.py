@@ -20,6 +20,8 @@ from chatforge.common import ChatforgeError
 STAGES: dict[str, tuple[type, str, str]] = {
     "tokenizer": (C.TokenizerConfig, "chatforge.stages.tokenizer",
                   "train a byte-level BPE tokenizer (rustbpe) and write its compression report"),
+    "speedrun": (C.SpeedrunConfig, "chatforge.stages.speedrun",
+                 "run every pipeline stage in order on one preset (complete stages are skipped)"),
 }
 
 
@@ -27,6 +29,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per dataclass field. Defaults are SUPPRESSed so we can tell what the user typed."""
     types_ = C.field_types(cls)
     for f in dataclasses.fields(cls):
+        if f.name in ("preset", "config"):  # given by the generic --preset/--config flags
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         tp = types_[f.name]
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
@@ -69,7 +73,10 @@ def parse_stage_config(name: str, args: argparse.Namespace):
     types_ = C.field_types(cls)
     overrides = {}
     for f in dataclasses.fields(cls):
-        if f.name in vars(args):
+        if f.name in ("preset", "config"):  # speedrun passes these on to every stage
+            if getattr(args, f.name):
+                overrides[f.name] = getattr(args, f.name)
+        elif f.name in vars(args):
             overrides[f.name] = C.parse_value(types_[f.name], getattr(args, f.name), f.name)
     return C.resolve_config(cls, stage=name, preset=args.preset, config_file=args.config,
                             overrides=overrides)

@@ -124,10 +124,20 @@ class SampleConfig:
     threads: int = option(0, "torch threads; 0 = one per core")
 
 
+@dataclass
+class SpeedrunConfig(CommonConfig):
+    preset: str = option("tiny", "preset every stage starts from")
+    config: str = option("", "TOML file with a [<stage>] section per stage (flags here still win)")
+    stages: list[str] = option([], "stages to run, in pipeline order (default: all of PIPELINE)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Presets: named bundles of settings, per stage. A preset only sets fields; flags still override.
 
-STAGE_CONFIGS: dict[str, type] = {"tokenizer": TokenizerConfig, "pretrain": PretrainConfig}
+STAGE_CONFIGS: dict[str, type] = {"tokenizer": TokenizerConfig, "pretrain": PretrainConfig,
+                                  "speedrun": SpeedrunConfig}
+# What `chatforge speedrun` runs, in order; each name is a module chatforge.stages.<name> with run(cfg).
+PIPELINE: list[str] = ["tokenizer"]
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # 2 CPU cores, minutes end to end: a small vocab keeps the embedding and head cheap on CPU.
