@@ -1,0 +1,210 @@
+"""Data pipeline benchmark: chatforge vs datatrove's FineWeb-style pipeline, same WARC input, same
+filter set, one worker each, in one run. Also: resiliparse vs trafilatura extraction agreement and
+the dedup index's bytes per document.
+
+    pip install "datatrove[processing]" warcio faust-cchardet python-magic pyahocorasick fasteners orjson spacy lxml_html_clean
+    CHATFORGE_DATA_DIR=../shared/data python bench/bench_data.py            # ~3 minutes on 2 cores
+
+Filter set in both: URL filter (the UT1 list + word lists shipped in datatrove's wheel) -> HTML
+extraction -> Gopher repetition -> Gopher quality -> C4 (no terminal-punctuation rule) -> FineWeb
+-> PII (e-mails, IPs). Language ID is off in both (datatrove's LanguageFilter downloads its model)
+and dedup is off in both (FineWeb's MinHash is a separate 4-stage datatrove job). chatforge runs
+twice: with trafilatura (the same extractor as datatrove: the like-for-like ratio) and with its
+default resiliparse. Each pipeline runs in a fresh subprocess, so peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_INPUTS = ["web/dolma-sample-0000.warc.gz", "web/dolma-sample-0001.warc.gz", "web/python-docs.warc.gz"]
+
+
+def run_datatrove(in_dir: str, out_dir: str) -> dict:
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.extractors import Trafilatura
+    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
+                                            GopherRepetitionFilter, URLFilter)
+    from datatrove.pipeline.formatters import PIIFormatter
+    from datatrove.pipeline.readers import WarcReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    pipeline = [
+        WarcReader(in_dir, glob_pattern="*.warc.gz"),
+        URLFilter(),
+        Trafilatura(favour_precision=True),
+        GopherRepetitionFilter(),
+        GopherQualityFilter(),
+        C4QualityFilter(filter_no_terminal_punct=False),
+        FineWebQualityFilter(),
+        PIIFormatter(),
+        JsonlWriter(out_dir, compression=None),
+    ]
+    t = time.time()
+    LocalPipelineExecutor(pipeline, tasks=1, workers=1, logging_dir=os.path.join(out_dir, "logs")).run()
+    wall = time.time() - t
+    kept = []
+    for f in Path(out_dir).glob("*.jsonl"):
+        kept += [json.loads(x)["metadata"]["url"] for x in f.read_text().splitlines() if x.strip()]
+    stats = json.loads(next(Path(out_dir, "logs/stats").glob("*.json")).read_text())
+    read = next((s for s in stats if "Warc" in s.get("name", "")), {})
+    docs_read = read.get("stats", {}).get("documents", {}).get("total", 0) if read else 0
+    return {"wall": wall, "kept_urls": kept, "docs_read": docs_read}
+
+
+def run_chatforge(inputs: list[str], runs_dir: str, extractor: str) -> dict:
+    from chatforge.config import DataConfig, resolve_config
+    from chatforge.stages import data
+
+    cfg = resolve_config(DataConfig, overrides=dict(
+        inputs=inputs, runs_dir=runs_dir, run=extractor, workers=1, extractor=extractor, languages=[],
+        lang_threshold=0.0, url_blocklist="datatrove", url_words="datatrove", pii=["emails", "ips"],
+        dedup_exact=False, dedup_minhash=False, force=True))
+    t = time.time()
+    data.run(cfg)
+    wall = time.time() - t
+    import pyarrow.parquet as pq
+
+    d = Path(runs_dir) / extractor / "data"
+    kept = [u for f in sorted((d / "shards").glob("*.parquet")) for u in pq.read_table(f).column("url").to_pylist()]
+    stats = json.loads((d / "stats.json").read_text())
+    return {"wall": wall, "kept_urls": kept, "docs_read": stats["steps"]["extract"]["in"], "stats": stats}
+
+
+def child(args) -> None:
+    if args.child == "datatrove":
+        res = run_datatrove(args.in_dir, args.out)
+    else:
+        res = run_chatforge(args.inputs, args.out, args.child)
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(args.result).write_text(json.dumps(res))
+
+
+def spawn(kind: str, inputs: list[str], in_dir: str, tmp: str) -> dict:
+    out = os.path.join(tmp, f"out-{kind}")
+    result = os.path.join(tmp, f"{kind}.json")
+    cmd = [sys.executable, __file__, "--child", kind, "--in_dir", in_dir, "--out", out, "--result", result,
+           "--inputs", *inputs]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(Path(result).read_text())
+
+
+def extraction_agreement(paths: list[str], per_file: int = 60) -> dict:
+    """Word-set F1 between resiliparse and trafilatura extractions, per page."""
+    import statistics
+
+    from chatforge.data.extract import extract_text
+    from chatforge.data.warc import iter_pages
+
+    f1s, both_empty, t_res, t_tra, n = [], 0, 0.0, 0.0, 0
+    for p in paths:
+        for i, page in enumerate(iter_pages(p)):
+            if i >= per_file:
+                break
+            if page.html is None:
+                continue
+            t = time.time()
+            a = set(extract_text(page.html, "resiliparse", charset=page.charset).split())
+            t_res += time.time() - t
+            t = time.time()
+            b = set(extract_text(page.html, "trafilatura", charset=page.charset).split())
+            t_tra += time.time() - t
+            n += 1
+            if not a and not b:
+                both_empty += 1
+                continue
+            inter = len(a & b)
+            f1s.append(2 * inter / max(1, len(a) + len(b)))
+    return {"pages": n, "median_f1": statistics.median(f1s), "mean_f1": statistics.fmean(f1s),
+            "share_f1_over_0.8": sum(f >= 0.8 for f in f1s) / len(f1s),
+            "resiliparse_pages_s": n / t_res, "trafilatura_pages_s": n / t_tra}
+
+
+def dedup_bytes_per_doc(paths: list[str]) -> dict:
+    """Measured: the dedup phase's arrays (band keys + exact hash + union-find parents) per document."""
+    import numpy as np
+
+    from chatforge.data.dedup import MinHasher, cluster_duplicates, exact_hash, index_bytes_per_doc
+    from chatforge.data.extract import extract_text
+    from chatforge.data.warc import iter_pages
+
+    texts = [extract_text(p.html, charset=p.charset) for path in paths for p in iter_pages(path) if p.html]
+    mh = MinHasher()
+    t = time.time()
+    keys = np.stack([mh.band_keys(x) for x in texts])
+    t_sig = time.time() - t
+    ex = np.array([exact_hash(x) for x in texts], dtype=np.int64)
+    t = time.time()
+    reason, _ = cluster_duplicates(keys, ex)
+    t_cluster = time.time() - t
+    measured = (keys.nbytes + ex.nbytes + 8 * len(ex)) / len(ex)
+    return {"docs": len(texts), "bytes_per_doc": measured, "formula": index_bytes_per_doc(14),
+            "signatures_docs_s": len(texts) / t_sig, "cluster_s": t_cluster,
+            "exact": int((reason == 1).sum()), "near": int((reason == 2).sum())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", default="")
+    ap.add_argument("--in_dir", default="")
+    ap.add_argument("--out", default="")
+    ap.add_argument("--result", default="")
+    ap.add_argument("--inputs", nargs="*", default=DEFAULT_INPUTS)
+    ap.add_argument("--skip_datatrove", action="store_true")
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    root = Path(os.environ.get("CHATFORGE_DATA_DIR", "../shared/data"))
+    inputs = [str(root / p) if not os.path.exists(p) else p for p in args.inputs]
+    with tempfile.TemporaryDirectory() as tmp:
+        in_dir = os.path.join(tmp, "in")
+        os.makedirs(in_dir)
+        for p in inputs:
+            os.symlink(os.path.abspath(p), os.path.join(in_dir, os.path.basename(p)))
+        res = {k: spawn(k, inputs, in_dir, tmp) for k in ["resiliparse", "trafilatura"]}
+        if not args.skip_datatrove:
+            res["datatrove"] = spawn("datatrove", inputs, in_dir, tmp)
+    print(f"\n## Data pipeline vs datatrove ({time.strftime('%Y-%m-%d')})\n")
+    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}. Input: {', '.join(os.path.basename(p) for p in inputs)}. One worker each.\n")
+    print("| pipeline | docs read | kept | wall s | docs/s/core | peak RSS MB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for k, r in res.items():
+        r["rate"] = r["docs_read"] / r["wall"]
+        print(f"| {k if k == 'datatrove' else 'chatforge ' + k} | {r['docs_read']} | {len(r['kept_urls'])} | "
+              f"{r['wall']:.1f} | {r['rate']:.1f} | {r['peak_rss_mb']:.0f} |")
+    if "datatrove" in res:
+        dt = set(res["datatrove"]["kept_urls"])
+        for k in ("trafilatura", "resiliparse"):
+            ours = set(res[k]["kept_urls"])
+            inter = len(ours & dt)
+            print(f"\nchatforge {k} vs datatrove: {res[k]['rate'] / res['datatrove']['rate']:.1f}x docs/s/core; kept "
+                  f"overlap {inter} (Jaccard {inter / max(1, len(ours | dt)):.2f}; {inter / max(1, len(dt)):.0%} of "
+                  f"datatrove's kept, {inter / max(1, len(ours)):.0%} of ours)")
+    from chatforge.stages.data import funnel_table
+
+    print("\nchatforge (resiliparse) funnel:\n")
+    print(funnel_table(res["resiliparse"]["stats"]))
+    web = sorted(str(p) for p in (root / "web").glob("*.warc.gz"))
+    agree = extraction_agreement(web)
+    print(f"\nExtraction agreement, resiliparse vs trafilatura, {agree['pages']} pages (first 60 of each shared "
+          f"WARC): word-set F1 median {agree['median_f1']:.2f}, mean {agree['mean_f1']:.2f}, "
+          f"{agree['share_f1_over_0.8']:.0%} of pages >= 0.8; speed {agree['resiliparse_pages_s']:.0f} vs "
+          f"{agree['trafilatura_pages_s']:.0f} pages/s")
+    dd = dedup_bytes_per_doc(web)
+    print(f"\nDedup index: {dd['bytes_per_doc']:.0f} bytes/doc measured over {dd['docs']} docs (formula "
+          f"{dd['formula']}); MinHash signatures {dd['signatures_docs_s']:.0f} docs/s; clustering "
+          f"{dd['cluster_s'] * 1000:.0f} ms; {dd['exact']} exact + {dd['near']} near duplicates")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""`chatforge data process`: raw web crawls (WARC/WET) -> parquet shards of clean text, FineWeb-style,
+with every decision counted. `chatforge data inspect RUN` shows what happened.
+
+Reads: WARC/WET files (local paths or globs, https URLs, Common Crawl paths), a UT1 blocklist.
+Writes to runs/<run>/data/:
+    shards/shard_NNNNN.parquet   the kept documents (schema: chatforge.data.pipeline.SCHEMA)
+    stats.json                   the funnel: per step docs in/out, dropped per reason, words, seconds
+    tasks/                       per-input-file staged output + completion markers (resume)
+    config.json, meta.json, metrics.jsonl, DONE
+
+Two phases. (1) One task per input file, run by the local process pool or Ray: read -> URL filter ->
+HTML extraction -> language ID -> Gopher repetition -> Gopher quality -> C4 -> FineWeb -> PII masking,
+plus the document's exact hash and MinHash band keys. A task writes atomically and marks itself
+complete; a rerun skips complete tasks whose settings are unchanged. (2) Dedup over all tasks'
+outputs (exact, then MinHash-LSH), streaming the survivors into shards; then DONE.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from chatforge.common import (ChatforgeError, data_dir, is_complete, log0, physical_cores, read_done, stage_dir,
+                              stage_run, write_json)
+from chatforge.config import DataConfig
+
+STATS = "stats.json"
+
+
+def _resolve_blocklist(cfg: DataConfig) -> str:
+    if not cfg.url_filter or cfg.url_blocklist in ("", "datatrove"):
+        if cfg.url_blocklist == "datatrove":
+            try:
+                import datatrove  # noqa: F401
+            except ImportError:
+                raise ChatforgeError("--url_blocklist datatrove reads the UT1 list shipped in the datatrove "
+                                     "wheel: pip install datatrove, or give a UT1 folder") from None
+        return cfg.url_blocklist
+    p = Path(cfg.url_blocklist).expanduser()
+    if not p.is_dir():
+        p = data_dir(cfg.data_dir) / cfg.url_blocklist
+    if not p.is_dir():
+        raise ChatforgeError(f"--url_blocklist '{cfg.url_blocklist}': no such folder (looked in the data dir "
+                             f"{data_dir(cfg.data_dir)} too); give a UT1-format folder, 'datatrove', or ''")
+    return str(p)
+
+
+def _check(cfg: DataConfig) -> None:
+    if not cfg.inputs:
+        raise ChatforgeError("no inputs: pass --inputs FILES (WARC/WET paths or globs, URLs, Common Crawl "
+                             "paths) or a --preset that sets them (e.g. --preset tiny)")
+    if cfg.executor not in ("local", "ray"):
+        raise ChatforgeError(f"--executor {cfg.executor}: choose local or ray")
+    if cfg.extractor not in ("resiliparse", "trafilatura"):
+        raise ChatforgeError(f"--extractor {cfg.extractor}: choose resiliparse or trafilatura")
+    bad = [k for k in cfg.pii if k not in ("emails", "ips", "phones")]
+    if bad:
+        raise ChatforgeError(f"--pii {','.join(bad)}: unknown kind; choose from emails, ips, phones")
+    if cfg.shard_docs < 1 or cfg.minhash_bands < 1 or cfg.minhash_rows < 1 or cfg.minhash_ngram < 1:
+        raise ChatforgeError("--shard_docs, --minhash_bands, --minhash_rows and --minhash_ngram must be >= 1")
+
+
+def run(cfg: DataConfig) -> dict:
+    out = stage_dir(cfg, "data")
+    if is_complete(out) and not cfg.force:
+        log0(f"data: {out} is complete, skipping (pass --force to redo)")
+        return read_done(out)
+    _check(cfg)
+    from chatforge.data.executor import make_executor
+    from chatforge.data.pipeline import (dedup_and_write, empty_stats, merge_stats, read_marker, run_task,
+                                         settings_fingerprint)
+    from chatforge.data.warc import expand_inputs
+
+    root = data_dir(cfg.data_dir)
+    try:
+        inputs = expand_inputs(cfg.inputs, root)
+    except FileNotFoundError as e:
+        raise ChatforgeError(f"data input '{e}' matches no file (looked in the current folder and the data dir "
+                             f"{root}); fix --inputs or set --data_dir / $CHATFORGE_DATA_DIR") from None
+    blocklist = _resolve_blocklist(cfg) if cfg.url_filter else ""
+    workers = cfg.workers if cfg.workers > 0 else physical_cores()
+    tasks_dir, shards_dir = out / "tasks", out / "shards"
+    if cfg.force:
+        for d in (tasks_dir, shards_dir):
+            shutil.rmtree(d, ignore_errors=True)
+    with stage_run(cfg, "data") as srun:
+        tasks_dir.mkdir(parents=True, exist_ok=True)
+        fp = settings_fingerprint(cfg, {"blocklist": blocklist})
+        tasks = [{"index": i, "input": p, "tasks_dir": str(tasks_dir), "cfg": cfg, "blocklist": blocklist,
+                  "fingerprint": fp} for i, p in enumerate(inputs)]
+        results: dict[int, dict] = {}
+        pending = []
+        for t in tasks:
+            m = read_marker(tasks_dir / f"{t['index']:05d}.json")
+            if m and m.get("fingerprint") == fp and m.get("input") == t["input"] \
+                    and (tasks_dir / f"{t['index']:05d}.staged").exists():
+                results[t["index"]] = m
+            else:
+                pending.append(t)
+        log0(f"data: {len(inputs)} input file(s), {len(results)} already done, {len(pending)} to process "
+             f"with {min(workers, max(1, len(pending)))} {cfg.executor} worker(s); extractor {cfg.extractor}, "
+             f"languages {','.join(cfg.languages) or 'any'} >= {cfg.lang_threshold}")
+        t0 = time.time()
+        executor = make_executor(cfg.executor, workers, cfg.ray_address)
+        bar = tqdm(total=len(pending), desc="data tasks", unit="file", disable=None)
+        docs_done = 0
+        for res in executor.map_unordered(run_task, pending):
+            results[res["index"]] = res
+            st = res["stats"]
+            docs_done += st["steps"]["read"]["in"]
+            srun.log(event="task", index=res["index"], input=res["input"], docs_in=st["steps"]["read"]["in"],
+                     docs_out=st["steps"]["pii"]["out"], seconds=round(st["seconds"], 3),
+                     docs_per_s=round(st["steps"]["read"]["in"] / max(st["seconds"], 1e-9), 1))
+            bar.update(1)
+            bar.set_postfix(docs_s=f"{docs_done / max(time.time() - t0, 1e-9):.0f}")
+        bar.close()
+        task_seconds = time.time() - t0
+        # phase 2: dedup across everything, then the shards
+        staged = [tasks_dir / f"{i:05d}.staged" for i in sorted(results)]
+        d = dedup_and_write(staged, shards_dir, cfg)
+        stats = empty_stats()
+        for i in sorted(results):
+            merge_stats(stats, results[i]["stats"])
+        dd = stats["steps"]["dedup"]
+        dd.update({"in": d["in"], "out": d["out"], "dropped": d["dropped"], "words_in": d["words_in"],
+                   "words_out": d["words_out"]})
+        dd["seconds"] += d["seconds"]
+        wall = time.time() - t0
+        docs_in = stats["steps"]["read"]["in"]
+        stats.update({
+            "inputs": inputs, "docs_in": docs_in, "docs_out": d["out"], "shards": d["shards"],
+            "wall_seconds": round(wall, 2), "task_phase_seconds": round(task_seconds, 2),
+            "workers": workers, "executor": cfg.executor,
+            "docs_per_second": round(docs_in / max(wall, 1e-9), 1),
+            "docs_per_second_per_core": round(docs_in / max(wall, 1e-9) / workers, 1),
+            "dedup_index_bytes": d["index_bytes"],
+            "dedup_index_bytes_per_doc": round(d["index_bytes"] / max(1, d["in"]), 1),
+            "schema": "id, url, date, text, lang, lang_score, pii_emails, pii_ips, pii_phones, source",
+            "settings": {k: v for k, v in asdict(cfg).items() if k not in ("run", "runs_dir")},
+        })
+        write_json(out / STATS, stats)
+        srun.log(event="done", docs_in=docs_in, docs_out=d["out"], wall_seconds=round(wall, 2),
+                 docs_per_second=stats["docs_per_second"])
+        log0(funnel_table(stats))
+        log0(f"data: {docs_in:,} documents in, {d['out']:,} kept in {len(d['shards'])} shard(s) at {shards_dir} "
+             f"({wall:.1f}s, {stats['docs_per_second']:.0f} docs/s on {workers} worker(s))")
+        summary = {"docs_in": docs_in, "docs_out": d["out"], "shards": len(d["shards"]),
+                   "docs_per_second": stats["docs_per_second"]}
+        srun.finish(summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting
+
+
+def funnel_table(stats: dict) -> str:
+    """The funnel as a markdown table: per step, documents in/out, removed, words removed, top reasons."""
+    rows = ["| step | docs in | docs out | removed | words removed | seconds | top reasons |",
+            "|---|---:|---:|---:|---:|---:|---|"]
+    for name, st in stats["steps"].items():
+        if st["in"] == 0 and name not in ("read",):
+            continue
+        removed = st["in"] - st["out"]
+        words = (st["words_in"] - st["words_out"]) if st["words_in"] else 0
+        top = ", ".join(f"{r} {n:,}" for r, n in sorted(st["dropped"].items(), key=lambda x: -x[1])[:4])
+        rows.append(f"| {name} | {st['in']:,} | {st['out']:,} | {removed:,} | {words:,} | {st['seconds']:.1f} | "
+                    f"{top} |")
+    return "\n".join(rows)
+
+
+def inspect(run_path: str, k: int = 3, seed: int = 0, chars: int = 300) -> str:
+    """The funnel and a few random kept and dropped documents of a data stage run. `run_path` is a
+    run name (runs/<name>/data), a run folder, or the data stage folder itself."""
+    from chatforge.data.pipeline import sample_rows
+
+    p = Path(run_path)
+    cands = [p / "data", p, Path("runs") / run_path / "data"]
+    d = next((c for c in cands if (c / STATS).exists()), None)
+    if d is None:
+        raise ChatforgeError(f"inspect {run_path}: no {STATS} found in {', '.join(map(str, cands))}; run "
+                             f"`chatforge data process --run NAME` first")
+    stats = json.loads((d / STATS).read_text())
+    lines = [f"data run {d}: {stats['docs_in']:,} documents in, {stats['docs_out']:,} kept "
+             f"({100 * stats['docs_out'] / max(1, stats['docs_in']):.1f}%), {len(stats.get('shards', []))} shard(s), "
+             f"{stats.get('docs_per_second', 0):.0f} docs/s", "", funnel_table(stats)]
+    fe = stats.get("file_errors") or {}
+    if fe:
+        lines.append("\nfile errors: " + ", ".join(f"{k} {v}" for k, v in fe.items()))
+    pii = stats.get("pii", {})
+    lines.append(f"\nPII masked: {pii.get('emails', 0)} e-mails, {pii.get('ips', 0)} IPs, "
+                 f"{pii.get('phones', 0)} phone numbers")
+    rng = random.Random(seed)
+    short = lambda t: " ".join((t or "").split())[:chars]  # noqa: E731
+    lines.append(f"\n== {k} random kept documents ==")
+    for row in sample_rows(sorted((d / "shards").glob("*.parquet")), k, seed):
+        lines.append(f"- [{row['lang']} {row['lang_score']:.2f}] {row['url']}\n  {short(row['text'])}")
+    dropped = []
+    for f in sorted((d / "tasks").glob("*.dropped.jsonl")):
+        dropped += [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    lines.append(f"\n== {min(k, len(dropped))} random dropped documents ==")
+    for x in rng.sample(dropped, min(k, len(dropped))):
+        lines.append(f"- [{x['step']}: {x['reason']}] {x['url']}\n  {short(x['text']) or '(no text)'}")
+    return "\n".join(lines)
