@@ -1,0 +1,84 @@
+"""Shared builders for the engine, tools and chat tests: a small trained tokenizer, random-weight
+models, a checkpoint folder, and a scripted model that emits a known token sequence."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from chatforge.model import GPT, ModelConfig
+
+WORDS = ("the cat sat on a mat while six times seven is forty two and the answer to print "
+         "python search output result compute number value tool call assistant user system "
+         "capital of france paris london river mountain engine token cache batch").split()
+
+
+def corpus(n_docs: int = 400, seed: int = 0) -> list[str]:
+    """Varied synthetic text with code-like lines, enough for a 512-token BPE."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n_docs):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60)))
+        docs.append(f"{words}. print({rng.randint(0, 99)}*{rng.randint(0, 99)}) = {rng.randint(0, 9999)}\n"
+                    f"def f{i}(x):\n    return x + {i}\n")
+    return docs
+
+
+def train_tokenizer(vocab_size: int = 512):
+    from chatforge.tokenizer import Tokenizer
+
+    return Tokenizer.train(corpus(), vocab_size=vocab_size)
+
+
+def random_model(vocab_size: int = 512, seed: int = 0, **kw) -> GPT:
+    """Every weight random (the real init zeroes the head, which would make every logit equal)."""
+    cfg = ModelConfig(**{**dict(vocab_size=vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+                                 max_seq_len=128), **kw})
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def make_checkpoint(path: Path, tokenizer_dir: Path, vocab_size: int, **kw) -> Path:
+    from chatforge.checkpoint import save_checkpoint
+
+    return save_checkpoint(path, random_model(vocab_size, **kw), tokenizer_dir=tokenizer_dir)
+
+
+class ScriptedModel(torch.nn.Module):
+    """A fake model (batch 1) whose logits force `script`, one token per sampled step. Tokens the
+    engine inserts between <|output_start|> and <|output_end|> do not advance the script, so after a
+    tool call the script resumes where it stopped."""
+
+    def __init__(self, script: list[int], vocab_size: int, out_start: int, out_end: int, max_seq_len: int = 256):
+        super().__init__()
+        self.config = ModelConfig(vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=8,
+                                  max_seq_len=max_seq_len)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.script, self.out_start, self.out_end = script, out_start, out_end
+        self.fed: list[int] = []  # every token fed after the prompt, for assertions
+
+    def forward(self, idx, kv_cache=None, last_only=False):
+        B, T = idx.shape
+        if T > 1 or not hasattr(self, "k"):  # prefill
+            self.k, self.in_output, self.fed = 0, False, []
+        else:
+            last = int(idx[0, -1])
+            self.fed.append(last)
+            if last == self.out_start:
+                self.in_output = True
+            elif last == self.out_end:
+                self.in_output = False
+            elif not self.in_output:
+                self.k += 1
+        logits = torch.full((B, T, self.config.vocab_size), -1e9)
+        logits[:, -1, self.script[min(self.k, len(self.script) - 1)]] = 0.0
+        return logits

@@ -1,0 +1,116 @@
+"""Search tool: FTS5 index over parquet / jsonl / text, BM25 ranking, token budget, the index stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chatforge.common import ChatforgeError
+from chatforge.tools.search import (SearchResult, SqliteSearch, build_index, format_results, fts_query, passages,
+                                    search_tool)
+
+DOCS = [
+    {"id": "a", "url": "https://en.example/paris", "text": "Paris is the capital of France.\n\nIt lies on the Seine river."},
+    {"id": "b", "url": "https://en.example/london", "text": "London is the capital of England. The Thames flows through it."},
+    {"id": "c", "url": "https://en.example/cats", "text": "Cats sleep a lot.\n\nA cat can sleep sixteen hours a day."},
+    {"id": "d", "url": "https://en.example/rivers", "text": "Rivers of France: the Seine, the Loire, the Rhone. "
+                                                            "The Seine flows through Paris."},
+]
+
+
+@pytest.fixture
+def shard(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{**d, "date": "2024-01-01", "lang": "en", "lang_score": 0.99} for d in DOCS]
+    path = tmp_path / "shard_00000.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_index_parquet_and_bm25_ranking(tmp_path, shard):
+    summary = build_index([shard], tmp_path / "idx.sqlite")
+    assert summary["documents"] == 4 and summary["bad_records"] == 0
+    s = SqliteSearch(tmp_path / "idx.sqlite")
+    hits = s.search("capital of France", k=3)
+    assert hits[0].url == "https://en.example/paris" and hits[0].title == "Paris is the capital of France."
+    assert hits[0].score >= hits[-1].score
+    assert s.search("seine river", k=5)[0].url in ("https://en.example/paris", "https://en.example/rivers")
+    assert s.search("sleeping cats")[0].url == "https://en.example/cats"  # porter stemming
+    assert s.search("zzzqqq") == [] and s.search("?!") == []
+    assert s.search('what\'s "C++" AND OR NOT (paris') != []  # free text never raises FTS5 syntax errors
+
+
+def test_jsonl_and_text_inputs(tmp_path):
+    j = tmp_path / "docs.jsonl"
+    j.write_text("\n".join(json.dumps(d) for d in DOCS[:2]) + "\nnot json\n{\"text\": \"\"}\n")
+    t = tmp_path / "notes.txt"
+    t.write_text("Kettles boil water.\n\nToasters brown bread.\n")
+    summary = build_index([j, str(tmp_path / "*.txt")], tmp_path / "idx.sqlite")
+    assert summary["documents"] == 3 and summary["bad_records"] == 2
+    hit = SqliteSearch(tmp_path / "idx.sqlite").search("toasters")[0]
+    assert hit.url == "notes.txt#0" and "Toasters" in hit.snippet
+
+
+def test_token_budget_and_tool(tmp_path, shard):
+    build_index([shard], tmp_path / "idx.sqlite")
+    tool = search_tool(tmp_path / "idx.sqlite", k=3, token_budget=40)
+    out = tool.fn("capital of France")
+    assert out.startswith("[1] Paris is the capital of France.\nhttps://en.example/paris\n")
+    assert (len(out) + 3) // 4 <= 40
+    many = [SearchResult(f"T{i}", f"u{i}", "word " * 50, 1.0) for i in range(5)]
+    words = lambda s: len(s.split())  # a custom token counter
+    assert words(format_results(many, 60, words)) <= 60
+    assert format_results([], 10) == "no results"
+    with pytest.raises(Exception, match="empty query"):
+        tool.fn("   ")
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ChatforgeError, match="not found"):
+        build_index([tmp_path / "missing.parquet"], tmp_path / "x.sqlite")
+    with pytest.raises(ChatforgeError, match="matches no file"):
+        build_index([str(tmp_path / "*.parquet")], tmp_path / "x.sqlite")
+    with pytest.raises(ChatforgeError, match="chatforge index"):
+        SqliteSearch(tmp_path / "nope.sqlite")
+    bad = tmp_path / "bad.sqlite"
+    bad.write_text("not a database")
+    with pytest.raises(ChatforgeError, match="not a chatforge search index"):
+        SqliteSearch(bad)
+
+
+def test_passages():
+    text = "\n\n".join(["para " * 30] * 5)
+    parts = passages(text, 400)
+    assert all(len(p) <= 400 for p in parts) and len(parts) >= 3
+    assert passages("x" * 1000, 300)[0] == "x" * 300  # no space to cut at
+    assert fts_query("hello, world!") == '"hello" OR "world"'
+
+
+def test_index_stage(tmp_path, shard):
+    from chatforge.cli import main
+
+    rc = main(["index", "--runs_dir", str(tmp_path / "runs"), "--run", "t", "--inputs", str(shard)])
+    assert rc == 0
+    out = tmp_path / "runs" / "t" / "index"
+    assert (out / "search.sqlite").exists() and (out / "DONE").exists()
+    done = json.loads((out / "DONE").read_text())
+    assert done["documents"] == 4 and done["passages"] >= 4
+    assert SqliteSearch(out / "search.sqlite").search("London")[0].url == "https://en.example/london"
+    # the data stage's shards are the default input
+    data = tmp_path / "runs" / "t2" / "data"
+    (data / "shards").mkdir(parents=True)
+    shard.rename(data / "shards" / shard.name)
+    (data / "DONE").write_text("{}")
+    assert main(["index", "--runs_dir", str(tmp_path / "runs"), "--run", "t2"]) == 0
+    assert main(["index", "--runs_dir", str(tmp_path / "runs"), "--run", "t3"]) == 2  # no data stage: clear error
+
+
+def test_one_document_per_line_text(tmp_path):
+    t = tmp_path / "articles.txt"
+    t.write_text("Anarchism is a political philosophy.\nAlbedo is the diffuse reflection of light.\n")
+    assert build_index([t], tmp_path / "idx.sqlite")["documents"] == 2
+    hit = SqliteSearch(tmp_path / "idx.sqlite").search("albedo reflection")[0]
+    assert hit.url == "articles.txt#1" and hit.title.startswith("Albedo")
