@@ -20,6 +20,7 @@ import glob
 import gzip
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -79,10 +80,34 @@ class CorpusStats:
     bad_records: int = 0
 
 
-def expand_corpus(paths: Iterable[str], data_dir_setting: str = "") -> list[Path]:
-    """Files named by paths or globs; relative names are looked up in the data dir too."""
+STAGE_PREFIX = "stage:"
+
+
+def stage_shards(stage_path: Path) -> list[Path]:
+    """The text shards a complete stage publishes: `<stage dir>/shards/*.parquet` (the data stage's
+    output), else any `*.parquet` directly in the stage folder."""
+    return sorted((stage_path / "shards").glob("*.parquet")) or sorted(stage_path.glob("*.parquet"))
+
+
+def expand_corpus(paths: Iterable[str], data_dir_setting: str = "", run: Any = None) -> list[Path]:
+    """Files named by paths or globs; relative names are looked up in the data dir too.
+
+    The entry `stage:NAME` (e.g. `stage:data`) stands for the text shards of stage NAME of `run`
+    (a stage config: anything with `runs_dir` and `run`), which must be complete."""
     out: list[Path] = []
     for p in paths:
+        if p.startswith(STAGE_PREFIX):
+            stage = p[len(STAGE_PREFIX):]
+            if run is None:
+                raise ChatforgeError(f"corpus entry '{p}' names a stage, but no run was given to resolve it")
+            from chatforge.common import require_stage
+
+            shards = stage_shards(require_stage(run, stage))
+            if not shards:
+                raise ChatforgeError(f"corpus entry '{p}': stage '{stage}' of run '{run.run}' has no parquet "
+                                     f"shards; rerun it with --force")
+            out.extend(shards)
+            continue
         if any(ch in p for ch in "*?["):
             root = "" if os.path.isabs(p) else str(data_dir(data_dir_setting))
             hits = sorted(glob.glob(p)) or sorted(glob.glob(os.path.join(root, p)))
@@ -94,6 +119,14 @@ def expand_corpus(paths: Iterable[str], data_dir_setting: str = "") -> list[Path
     for f in out:
         if f.is_dir():
             raise ChatforgeError(f"corpus entry '{f}' is a folder; give files or a glob like '{f}/*.parquet'")
+    return out
+
+
+def resolve_stage_entries(paths: Iterable[str], run: Any) -> list[str]:
+    """Replace each `stage:NAME` entry by the paths of that stage's shards; other entries stay."""
+    out: list[str] = []
+    for p in paths:
+        out.extend(str(f) for f in expand_corpus([p], "", run)) if p.startswith(STAGE_PREFIX) else out.append(p)
     return out
 
 
@@ -218,11 +251,11 @@ def _iter_file(path: Path, doc_chars: int, stats: CorpusStats) -> Iterator[str]:
 
 
 def iter_documents(paths: Iterable[str], data_dir_setting: str = "", doc_chars: int = 10_000,
-                   max_chars: int = 0, stats: CorpusStats | None = None) -> Iterator[str]:
+                   max_chars: int = 0, stats: CorpusStats | None = None, run: Any = None) -> Iterator[str]:
     """Documents from a corpus, each truncated to doc_chars, stopping after max_chars in total
-    (0 = no limit). `stats` is filled in as documents are read."""
+    (0 = no limit). `stats` is filled in as documents are read; `run` resolves `stage:NAME` entries."""
     stats = stats if stats is not None else CorpusStats()
-    files = expand_corpus(paths, data_dir_setting)
+    files = expand_corpus(paths, data_dir_setting, run)
     for path in files:
         stats.files += 1
         for doc in _iter_file(path, doc_chars, stats):
@@ -388,8 +421,19 @@ class Tokenizer:
         return [self.bos_id, *ids] if bos else ids
 
     def encode_batch(self, texts: list[str], num_threads: int = 0, bos: bool = False) -> list[list[int]]:
-        """Many texts at once on tiktoken's thread pool (ordinary text only)."""
-        out = self.enc.encode_ordinary_batch(texts, num_threads=num_threads or physical_cores())
+        """Many texts at once on a thread pool (ordinary text only). tiktoken releases the GIL while
+        it encodes, so threads scale; each thread gets a contiguous chunk of texts rather than one
+        text per task (tiktoken's own encode_ordinary_batch), whose per-task overhead dominated on
+        short documents (bench/RESULTS.md)."""
+        threads = num_threads or physical_cores()
+        encode = self.enc.encode_ordinary
+        if threads == 1 or len(texts) < 2 * threads:
+            out = [encode(t) for t in texts]
+        else:
+            size = -(-len(texts) // (4 * threads))  # ~4 chunks per thread evens out long documents
+            chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
+            with ThreadPoolExecutor(threads) as pool:
+                out = [ids for part in pool.map(lambda c: [encode(t) for t in c], chunks) for ids in part]
         if bos:
             out = [[self.bos_id, *ids] for ids in out]
         return out
