@@ -48,6 +48,51 @@ class CommonConfig:
 
 
 @dataclass
+class DataConfig(CommonConfig):
+    """`chatforge data process`: WARC -> clean text shards, FineWeb-style. Defaults follow FineWeb's
+    published pipeline (Penedo et al. 2024); each step can be switched off or tuned."""
+
+    inputs: list[str] = option(
+        [], "WARC/WET files (.warc[.gz], .wet[.gz]) or globs, https URLs, or Common Crawl paths "
+            "(crawl-data/...); relative paths are looked up in the data dir")
+    workers: int = option(0, "parallel tasks (one per input file at a time); 0 = one per core")
+    executor: str = option("local", "local (processes on this machine) | ray (a Ray cluster)")
+    ray_address: str = option("", "Ray cluster address for --executor ray ('' = start a local instance)")
+    max_page_bytes: int = option(10_000_000, "skip (and count) pages larger than this many bytes, unread")
+    # 1. URL filter
+    url_filter: bool = option(True, "drop URLs on the blocklist or containing banned words")
+    url_blocklist: str = option(
+        "blocklists/ut1", "UT1-format blocklist folder (<category>/domains, <category>/urls), relative to "
+                          "the data dir; 'datatrove' = the full UT1 list in the datatrove wheel; '' = none")
+    url_words: str = option("builtin", "banned/soft URL words: builtin | datatrove (FineWeb's lists) | a folder")
+    # 2. HTML -> text
+    extractor: str = option("resiliparse", "resiliparse (fast) | trafilatura (FineWeb's, ~20x slower)")
+    favor_precision: bool = option(True, "trafilatura: prefer precision over recall (FineWeb's setting)")
+    extract_timeout: float = option(2.0, "seconds per document before extraction gives up (0 = no limit)")
+    # 3. language ID
+    languages: list[str] = option(["en"], "languages to keep (fastText lid.176 codes); empty = any language")
+    lang_threshold: float = option(0.65, "minimum language probability (FineWeb: 0.65); 0 with no "
+                                         "languages = language ID only annotates")
+    # 4. quality filters
+    gopher_repetition: bool = option(True, "Gopher repetition filter (duplicate lines/paragraphs/n-grams)")
+    gopher_quality: bool = option(True, "Gopher quality filter (word counts, symbols, stop words)")
+    c4: bool = option(True, "C4 filter (FineWeb variant: no terminal-punctuation rule)")
+    fineweb: bool = option(True, "FineWeb's heuristics (line punctuation, short lines, duplicated chars)")
+    min_doc_words: int = option(50, "Gopher: minimum words per document")
+    # 5. PII
+    pii: list[str] = option(["emails", "ips", "phones"], "PII to mask with placeholders: emails, ips, phones")
+    # 6. dedup (a phase over all tasks' outputs)
+    dedup_exact: bool = option(True, "drop documents whose normalized text equals an earlier one")
+    dedup_minhash: bool = option(True, "drop near duplicates (MinHash-LSH over word n-grams)")
+    minhash_ngram: int = option(5, "MinHash shingle size in words (FineWeb: 5)")
+    minhash_bands: int = option(14, "LSH bands (FineWeb: 14)")
+    minhash_rows: int = option(8, "hashes per LSH band (FineWeb: 8)")
+    # output
+    shard_docs: int = option(10_000, "documents per output parquet shard")
+    sample_dropped: int = option(5, "dropped documents kept per reason and task for inspection (0 = none)")
+
+
+@dataclass
 class TokenizerConfig(CommonConfig):
     corpus: list[str] = option(
         [],
@@ -102,7 +147,7 @@ class PretrainConfig(CommonConfig):
     resume: bool = option(True, "continue from this run's last checkpoint if there is one")
     # hardware
     dtype: str = option("auto", "auto | float32 | bfloat16; auto = bf16 autocast on CUDA, float32 elsewhere")
-    compile: bool = option(False, "torch.compile the model (CUDA only)")
+    compile: bool = option(False, "torch.compile the training model (CUDA; CPU too when a C++ compiler exists)")
     fsdp: bool = option(False, "shard the model with FSDP2 fully_shard instead of DDP replicas")
     dry_run: bool = option(False, "print the derived settings and time/cost estimates, then exit")
 
@@ -125,6 +170,37 @@ class SampleConfig:
 
 
 @dataclass
+class IndexConfig(CommonConfig):
+    """`chatforge index`: a SQLite FTS5 (BM25) index for the search tool, at runs/<run>/index/search.sqlite."""
+
+    inputs: list[str] = option(
+        [], "documents to index: .parquet (text [,url,title]), .jsonl[.gz] or text files, or globs; relative "
+            "paths are looked up in the data dir. Empty: the run's data stage shards (runs/<run>/data/**/*.parquet)")
+    passage_chars: int = option(1200, "split documents into passages of about this many characters")
+    max_docs: int = option(0, "stop after this many documents (0 = all)")
+
+
+@dataclass
+class ChatConfig:
+    """`chatforge chat CHECKPOINT`: talk to a checkpoint in the terminal, with tools."""
+
+    checkpoint: str = option("", "checkpoint folder (e.g. runs/tiny/sft/checkpoint)")
+    system: str = option("", "system prompt (change it in the chat with /system TEXT)")
+    temperature: float = option(0.6, "sampling temperature; 0 = greedy (change with /temp X)")
+    top_k: int = option(50, "sample among the k most likely tokens (0 = all)")
+    top_p: float = option(0.95, "nucleus sampling: smallest set of tokens reaching this probability")
+    max_tokens: int = option(512, "tokens per reply, tool output included")
+    tools: bool = option(True, "let the model call the python sandbox and search")
+    index: str = option("", "search index (default: <run>/index/search.sqlite next to the checkpoint's stage, "
+                            "if it exists)")
+    max_tool_calls: int = option(4, "tool calls per reply")
+    seed: int = option(1337, "random seed")
+    device: str = option("auto", "cuda | mps | cpu | auto")
+    threads: int = option(0, "torch threads; 0 = one per core")
+    color: str = option("auto", "auto | always | never: colour tool calls and results")
+
+
+@dataclass
 class SpeedrunConfig(CommonConfig):
     preset: str = option("tiny", "preset every stage starts from")
     config: str = option("", "TOML file with a [<stage>] section per stage (flags here still win)")
@@ -134,18 +210,29 @@ class SpeedrunConfig(CommonConfig):
 # ----------------------------------------------------------------------------------------------
 # Presets: named bundles of settings, per stage. A preset only sets fields; flags still override.
 
-STAGE_CONFIGS: dict[str, type] = {"tokenizer": TokenizerConfig, "pretrain": PretrainConfig,
-                                  "speedrun": SpeedrunConfig}
+STAGE_CONFIGS: dict[str, type] = {"data": DataConfig, "tokenizer": TokenizerConfig, "pretrain": PretrainConfig,
+                                  "index": IndexConfig, "speedrun": SpeedrunConfig}
 # What `chatforge speedrun` runs, in order; each name is a module chatforge.stages.<name> with run(cfg).
-PIPELINE: list[str] = ["tokenizer"]
+PIPELINE: list[str] = ["data", "tokenizer", "pretrain", "index"]  # index: the search tool's, over the data shards
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # 2 CPU cores, minutes end to end: a small vocab keeps the embedding and head cheap on CPU.
     "tiny": {
         "common": {"run": "tiny"},
+        # The shared WARC samples (~2,700 pages): real crawl pages (dolma, whirlwind) and HTML
+        # documentation; the Debian handbook's 25 non-English languages are dropped by language ID
+        # (the quality filters' stop words are English). About 15 s on 2 cores.
+        "data": {
+            "inputs": ["web/dolma-sample-*.warc.gz", "web/whirlwind.warc.gz", "web/python-docs.warc.gz",
+                       "web/postgresql-docs.warc.gz", "web/git-docs.warc.gz",
+                       "web/debian-handbook-multilingual.warc.gz"],
+            "languages": ["en"],
+            "shard_docs": 1000,
+        },
         "tokenizer": {
             "vocab_size": 4096,
             "corpus": [
+                "stage:data",  # this run's data stage shards (clean web text)
                 "text/wiki_demo.txt",
                 "text/c4_demo.jsonl",
                 "text/tinyshakespeare.txt.gz",
@@ -160,11 +247,19 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "depth": 4, "max_seq_len": 256, "device_batch_size": 16, "total_batch_size": 8192,
             "num_iterations": 250, "warmup_ratio": 0.02, "warmdown_ratio": 0.4, "val_fraction": 0.03,
             "eval_every": 100, "eval_tokens": 131072, "sample_every": 250, "checkpoint_every": 100,
+            "compile": True,  # ~20 s to compile, ~15% faster steps on CPU (needs g++; else eager)
         },
+        # The search tool's index: the clean web pages plus encyclopedic text (~0.5 s).
+        "index": {"inputs": ["stage:data", "text/wiki_demo.txt"]},
     },
     # One GPU, a few hours; the tokenizer matches nanochat's size class.
     "gpu": {
         "common": {"run": "gpu"},
+        # One Common Crawl segment's worth of WARCs, streamed over HTTPS (add paths from the crawl's
+        # warc.paths.gz); the full UT1 blocklist FineWeb used.
+        "data": {"inputs": ["crawl-data/CC-MAIN-2024-22/segments/1715971057216.39/warc/"
+                            "CC-MAIN-20240517233122-20240518023122-00000.warc.gz"],
+                 "url_blocklist": "datatrove", "url_words": "datatrove", "shard_docs": 50_000},
         "tokenizer": {"vocab_size": 32768, "max_chars": 2_000_000_000},
         # depth 12 (~135M parameters, 20 tokens/parameter): about 2 hours on one H100.
         "pretrain": {"depth": 12, "max_seq_len": 2048, "device_batch_size": 32, "compile": True,
@@ -173,6 +268,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # torchrun --nproc_per_node=8 on one 8xH100 node, a few hours: nanochat's speedrun size class.
     "8xh100": {
         "common": {"run": "8xh100"},
+        # Data processing scales by files: run it on a Ray cluster next to the GPU node.
+        "data": {"inputs": [f"crawl-data/CC-MAIN-2024-22/segments/1715971057216.39/warc/"
+                            f"CC-MAIN-20240517233122-20240518023122-{i:05d}.warc.gz" for i in range(2)],
+                 "executor": "ray", "url_blocklist": "datatrove", "url_words": "datatrove",
+                 "shard_docs": 100_000},
         "tokenizer": {"vocab_size": 32768, "max_chars": 2_000_000_000},
         # depth 20 (~480M parameters, 20 tokens/parameter).
         "pretrain": {"depth": 20, "max_seq_len": 2048, "device_batch_size": 32, "compile": True,

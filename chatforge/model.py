@@ -125,13 +125,19 @@ class KVCache:
     values at pos..pos+T-1 in every layer, attends over 0..pos+T-1, and then advances `pos`. The
     tensors are allocated on the first write, in the dtype and device of the keys (bf16 under
     autocast), so the cache always matches the model.
+
+    Ragged batches (chatforge/engine.py) are left-padded: `pad` (B,) holds how many leading slots of
+    each row are padding. The model then gives row b the RoPE position `slot - pad[b]` and masks its
+    padding keys, so a padded row computes what it would compute alone. `pad=None` is the plain case.
     """
 
-    def __init__(self, batch_size: int, n_layer: int, n_kv_head: int, head_dim: int, max_len: int):
+    def __init__(self, batch_size: int, n_layer: int, n_kv_head: int, head_dim: int, max_len: int,
+                 pad=None):
         self.shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
         self.max_len = max_len
         self.k = self.v = None  # (L, B, Hkv, T_max, D) each
         self.pos = 0
+        self.pad = pad  # (B,) long tensor of left-padding lengths, or None
 
     def update(self, layer: int, k, v):
         """Store k, v (B, Hkv, T, D) of `layer` at the current position; return all keys and values
@@ -149,6 +155,15 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.pos += n
 
+    def reorder(self, index) -> None:
+        """Keep / repeat batch rows: row i becomes old row index[i]. The engine uses it to fan one
+        prefill out to n samples and to drop finished sequences from the batch."""
+        if self.k is not None:
+            self.k, self.v = self.k[:, index], self.v[:, index]  # (L, B', Hkv, T_max, D)
+        if self.pad is not None:
+            self.pad = self.pad[index]
+        self.shape = (self.shape[0], len(index), *self.shape[2:])
+
     def reset(self) -> None:
         self.pos = 0
 
@@ -165,7 +180,9 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
 
-    def forward(self, x, cos, sin, kv_cache=None):
+    def forward(self, x, cos, sin, kv_cache=None, mask=None):
+        """mask: None (causal) or a boolean (B, 1, T, T0+T) of keys each query may see (ragged
+        batches, built once per forward in GPT.forward)."""
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
@@ -174,7 +191,11 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         gqa = self.n_kv_head != self.n_head
-        if kv_cache is None or kv_cache.pos == 0:
+        if mask is not None:  # left-padded batch: the mask covers causality and padding
+            if kv_cache is not None:
+                k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, T0+T, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, D)
+        elif kv_cache is None or kv_cache.pos == 0:
             if kv_cache is not None:  # prefill: store, then attend causally over the prompt
                 kv_cache.update(self.layer_idx, k, v)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, H, T, D)
@@ -208,8 +229,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache=None):  # (B, T, C)
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache=None, mask=None):  # (B, T, C)
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, mask)
         x = x + self.mlp(self.mlp_norm(x))
         return x
 
@@ -258,20 +279,37 @@ class GPT(nn.Module):
             nn.init.zeros_(self.lm_head.weight)
         self.cos, self.sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, self.wte.weight.device)
 
-    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, loss_reduction: str = "mean"):
+    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, loss_reduction: str = "mean",
+                last_only: bool = False):
         """idx (B, T) token ids. Returns logits (B, T, V), or with `targets` (B, T) the cross-entropy
-        loss (targets of -1 are skipped): a scalar for "mean"/"sum", (B, T) for "none"."""
+        loss (targets of -1 are skipped): a scalar for "mean"/"sum", (B, T) for "none". last_only
+        returns (B, 1, V) for the last position only: generation's prefill skips (T-1) x V of head work."""
         B, T = idx.shape
         T0 = 0 if kv_cache is None else kv_cache.pos
         if T0 + T > self.cos.size(0):
             raise ValueError(f"sequence of {T0 + T} positions exceeds max_seq_len {self.config.max_seq_len}")
-        cos = self.cos[None, T0:T0 + T, None, :]  # (1, T, 1, D), absolute positions T0..T0+T-1
-        sin = self.sin[None, T0:T0 + T, None, :]
+        mask = None
+        if kv_cache is not None and kv_cache.pad is not None:
+            # Left-padded rows: row b's token in slot s sits at position s - pad[b] of its own
+            # sequence, and may see keys in slots pad[b]..s (plus itself, so a padding query never
+            # has an empty softmax row; its output is never used).
+            slots = torch.arange(T0, T0 + T, device=idx.device)  # (T,)
+            pos = (slots[None, :] - kv_cache.pad[:, None]).clamp(min=0)  # (B, T)
+            cos, sin = self.cos[pos][:, :, None, :], self.sin[pos][:, :, None, :]  # (B, T, 1, D)
+            keys = torch.arange(T0 + T, device=idx.device)  # (T0+T,)
+            causal = keys[None, :] <= slots[:, None]  # (T, T0+T)
+            real = keys[None, None, :] >= kv_cache.pad[:, None, None]  # (B, 1, T0+T)
+            mask = (causal[None] & (real | (keys[None, :] == slots[:, None])[None]))[:, None]  # (B, 1, T, T0+T)
+        else:
+            cos = self.cos[None, T0:T0 + T, None, :]  # (1, T, 1, D), absolute positions T0..T0+T-1
+            sin = self.sin[None, T0:T0 + T, None, :]
         x = self.wte(idx)  # (B, T, C)
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache)  # (B, T, C)
+            x = block(x, cos, sin, kv_cache, mask)  # (B, T, C)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C)
         x = self.norm_f(x)
         logits = self.lm_head(x)  # (B, T, V)
         if targets is None:

@@ -33,9 +33,8 @@ def corpus_paths(cfg: TokenizerConfig) -> list[str]:
     """The configured corpus, or the run's data-stage shards when none is configured."""
     if cfg.corpus:
         return cfg.corpus
-    data = stage_dir(cfg, "data")
-    if is_complete(data):
-        return [str(p) for p in sorted(data.glob("**/*.parquet"))]
+    if is_complete(stage_dir(cfg, "data")):
+        return ["stage:data"]  # the data stage's shards (chatforge.tokenizer.expand_corpus)
     raise ChatforgeError("no corpus: pass --corpus FILES (or a --preset that sets one), or run the "
                          f"data stage for run '{cfg.run}' first")
 
@@ -81,7 +80,7 @@ def run(cfg: TokenizerConfig) -> dict:
         return read_done(out)
     threads = setup_threads(cfg.threads)
     # Fail on a missing corpus file before anything is written.
-    paths = [str(p) for p in expand_corpus(corpus_paths(cfg), cfg.data_dir)]
+    paths = [str(p) for p in expand_corpus(corpus_paths(cfg), cfg.data_dir, cfg)]
     with stage_run(cfg, "tokenizer") as run:
         return _train(cfg, run, paths, threads)
 
