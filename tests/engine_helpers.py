@@ -33,11 +33,16 @@ def train_tokenizer(vocab_size: int = 512):
 
 
 def random_model(vocab_size: int = 512, seed: int = 0, **kw) -> GPT:
-    """Every weight random (the real init zeroes the head, which would make every logit equal)."""
+    """A small model with every weight random, see `randomize`."""
     cfg = ModelConfig(**{**dict(vocab_size=vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
                                  max_seq_len=128), **kw})
+    return randomize(GPT(cfg), seed)
+
+
+def randomize(model: GPT, seed: int = 0) -> GPT:
+    """Every weight random, norms included: the real init zeroes the output projections and the head,
+    which would make every logit equal and hide weight-mapping mistakes."""
     torch.manual_seed(seed)
-    model = GPT(cfg)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 1:

@@ -18,6 +18,7 @@ from chatforge.checkpoint import load_checkpoint, load_optimizer_state, save_che
 from chatforge.common import ChatforgeError
 from chatforge.export import NAME_TABLE, export_hf, from_hf_name, to_hf_name
 from chatforge.model import GPT, KVCache, ModelConfig
+from engine_helpers import randomize  # tests/engine_helpers.py
 
 torch.set_num_threads(2)
 
@@ -28,17 +29,8 @@ def tiny(**kw) -> ModelConfig:
 
 
 def random_model(cfg: ModelConfig, seed: int = 0) -> GPT:
-    """A model with every weight random, norms included: the real init zeroes the output
-    projections and the head, which would hide mapping mistakes."""
-    torch.manual_seed(seed)
-    model = GPT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.3)
-    return model.eval()
+    """A model with every weight random (engine_helpers.randomize)."""
+    return randomize(GPT(cfg), seed)
 
 
 def greedy_no_cache(model, idx, n):
