@@ -203,9 +203,11 @@ class Engine:
             idx[i, T - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
         c = self.config
         cache = KVCache(P, c.n_layer, c.n_kv_head, c.head_dim, T + cap, pad=pad if int(pad.max()) > 0 else None)
+        fast = self.device.type == "cpu" and type(self.model) is GPT
+        pack = self._packed() if fast else None  # the CPU fast path's packed weights, for this whole call
         t0 = time.perf_counter()
         with amp:
-            logits = self.forward(idx, cache, last_only=True)[:, -1, :].float()  # (P, V), last slot is real for all
+            logits = self.forward(idx, cache, last_only=True, pack=pack)[:, -1, :].float()  # (P, V), last slot real
         t1 = time.perf_counter()
 
         # 2. fan out to n samples per prompt.
@@ -247,7 +249,7 @@ class Engine:
                 rows = [rows[i] for i in keep]
             with amp:
                 x = torch.tensor(feed, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
-                logits = self.forward(x, cache)[:, -1, :].float()  # (B, V)
+                logits = self.forward(x, cache, pack=pack)[:, -1, :].float()  # (B, V)
         t2 = time.perf_counter()
         self.stats = {"prefill_tokens": sum(len(p) for p in prompts), "prefill_s": t1 - t0,
                       "decode_steps": steps, "decode_tokens": active_sum, "decode_s": t2 - t1,
@@ -256,17 +258,27 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------
     # The forward pass. On CPU, a decode step of a small model is dominated by per-operator
-    # overhead, not arithmetic (profiled: depth 4, batch 1, ~65 tensor ops per block at a few us
-    # each, vs ~0.15 ms of matmul). `_fast_forward` computes exactly GPT.forward's math with a
-    # third of the operators: q/k/v and gate/up weights packed into one matmul each (the packed
-    # copies cost 5/7 of the block weights in memory and are rebuilt when the weights change, e.g.
-    # between RL steps), one fused RMSNorm over the q and k heads together, and RoPE as
-    # x*cos + roll(x)*sign*sin. The tests check it against GPT.forward token for token; other
-    # devices (and other model classes, e.g. test doubles) use the model's own forward.
+    # overhead and by how the matmuls read their weights, not arithmetic. `_fast_forward` computes
+    # exactly GPT.forward's math with a third of the operators: q/k/v and gate/up weights packed into
+    # one matmul each, one fused RMSNorm over the q and k heads together, and RoPE as
+    # x*cos + roll(x)*sign*sin. Every matmul weight (the head too) is kept transposed, (in, out)
+    # contiguous: for the 1-row matmuls of decoding, x @ W_t streams the weight row by row and was
+    # 1.6-1.9x faster than F.linear's x @ W.t() in most runs (the 17 matmuls of a depth-4 step: e.g.
+    # 620 -> 330 us, 2 threads, AMD EPYC with AVX-512, torch 2.13; bench/RESULTS.md). At batch 8 the
+    # two layouts cost about the same. The cost is one extra copy of the matmul weights
+    # (the originals stay in the model for training), rebuilt when the weights change, e.g. between
+    # RL steps. `_decode_step` is the same math for the common decode case (one new token, no
+    # padding) with fewer operators still. The tests check both against GPT.forward token for token;
+    # other devices (and other model classes, e.g. test doubles) use the model's own forward.
 
-    def forward(self, idx, cache: KVCache, last_only: bool = False):
+    def forward(self, idx, cache: KVCache, last_only: bool = False, pack=None):
+        """pack: self._packed(), fetched once per generate call (the weights cannot change during
+        one; checking their versions walks every parameter, ~50 us, which was 6% of a decode step)."""
         if self.device.type == "cpu" and type(self.model) is GPT and not torch.is_autocast_enabled("cpu"):
-            return self._fast_forward(idx, cache, last_only)
+            pack = self._packed() if pack is None else pack
+            if idx.size(1) == 1 and cache.pad is None and cache.k is not None and cache.pos < cache.max_len:
+                return self._decode_step(idx[:, 0], cache, pack)[:, None]  # (B, 1, V)
+            return self._fast_forward(idx, cache, last_only, pack)
         return self.model(idx, kv_cache=cache, last_only=last_only) if last_only else self.model(idx, kv_cache=cache)
 
     def _packed(self):
@@ -274,22 +286,25 @@ class Engine:
         version = sum(p._version for p in m.parameters())
         if getattr(self, "_pack", None) is None or self._pack[0] != version:
             c = m.config
+            t = lambda w: w.t().contiguous()  # noqa: E731  (out, in) -> (in, out), see _fast_forward
             layers = []
             for blk in m.blocks:
                 a, mlp = blk.attn, blk.mlp
                 layers.append((
-                    torch.cat([a.c_q.weight, a.c_k.weight, a.c_v.weight]),  # ((H+2Hkv)*D, C)
+                    t(torch.cat([a.c_q.weight, a.c_k.weight, a.c_v.weight])),  # (C, (H+2Hkv)*D)
                     torch.cat([a.q_norm.weight.expand(c.n_head, -1), a.k_norm.weight.expand(c.n_kv_head, -1)]),  # (H+Hkv, D)
-                    torch.cat([mlp.c_gate.weight, mlp.c_up.weight]),  # (2I, C)
+                    t(a.c_proj.weight),  # (H*D, C)
+                    t(torch.cat([mlp.c_gate.weight, mlp.c_up.weight])),  # (C, 2I)
+                    t(mlp.c_proj.weight),  # (I, C)
                 ))
             half = c.head_dim // 2
             sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(m.sin)  # roll(x, D/2) * sign = rotate_half(x)
-            self._pack = (version, layers, m.sin * sign)
+            self._pack = (version, layers, m.sin * sign, t(m.lm_head.weight))  # head: (C, V)
         return self._pack
 
-    def _fast_forward(self, idx, cache: KVCache, last_only: bool = False):
+    def _fast_forward(self, idx, cache: KVCache, last_only: bool = False, pack=None):
         m, c = self.model, self.config
-        _, layers, sin_signed = self._packed()
+        _, layers, sin_signed, head_t = self._packed() if pack is None else pack
         B, T = idx.shape
         T0 = cache.pos
         H, Hkv, D, C, eps = c.n_head, c.n_kv_head, c.head_dim, c.n_embd, c.norm_eps
@@ -309,9 +324,9 @@ class Engine:
         gqa = Hkv != H
         x = m.wte(idx)  # (B, T, C)
         for i, blk in enumerate(m.blocks):
-            w_qkv, w_qk_norm, w_gate_up = layers[i]
+            w_qkv, w_qk_norm, w_proj, w_gate_up, w_down = layers[i]
             h = F.rms_norm(x, (C,), blk.attn_norm.weight, eps)  # (B, T, C)
-            qkv = F.linear(h, w_qkv).view(B, T, H + 2 * Hkv, D)  # (B, T, H+2Hkv, D)
+            qkv = torch.matmul(h, w_qkv).view(B, T, H + 2 * Hkv, D)  # (B, T, H+2Hkv, D)
             qk = F.rms_norm(qkv[:, :, :H + Hkv], (D,), None, eps) * w_qk_norm  # QK-norm, (B, T, H+Hkv, D)
             qk = qk * cos + qk.roll(D // 2, dims=-1) * sin  # RoPE
             q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, D)
@@ -327,13 +342,39 @@ class Engine:
             else:
                 causal = torch.ones(T, T0 + T, dtype=torch.bool, device=idx.device).tril(T0)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=gqa)
-            x = x + F.linear(y.transpose(1, 2).reshape(B, T, H * D), blk.attn.c_proj.weight)  # (B, T, C)
-            gate, up = F.linear(F.rms_norm(x, (C,), blk.mlp_norm.weight, eps), w_gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, blk.mlp.c_proj.weight)  # (B, T, C)
+            x = x + torch.matmul(y.transpose(1, 2).reshape(B, T, H * D), w_proj)  # (B, T, C)
+            gate, up = torch.matmul(F.rms_norm(x, (C,), blk.mlp_norm.weight, eps), w_gate_up).chunk(2, dim=-1)
+            x = x + torch.matmul(F.silu(gate) * up, w_down)  # (B, T, C)
         cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        return m.lm_head(F.rms_norm(x, (C,), m.norm_f.weight, eps))  # (B, T, V)
+        return torch.matmul(F.rms_norm(x, (C,), m.norm_f.weight, eps), head_t)  # (B, T, V)
+
+    def _decode_step(self, tokens, cache: KVCache, pack):
+        """One decode step, tokens (B,) -> logits (B, V): _fast_forward's math for T=1 without
+        padding, in 2-D (B, C) tensors, writing k/v straight into the cache and adding the residual
+        inside the matmul (addmm), which leaves ~20 operators per block."""
+        m, c = self.model, self.config
+        _, layers, sin_signed, head_t = pack
+        B, T0 = tokens.size(0), cache.pos
+        H, Hkv, D, C, eps = c.n_head, c.n_kv_head, c.head_dim, c.n_embd, c.norm_eps
+        cos, sin = m.cos[T0], sin_signed[T0]  # (D,), the same position for every row
+        gqa = Hkv != H
+        x = F.embedding(tokens, m.wte.weight)  # (B, C)
+        for i, blk in enumerate(m.blocks):
+            w_qkv, w_qk_norm, w_proj, w_gate_up, w_down = layers[i]
+            qkv = torch.mm(F.rms_norm(x, (C,), blk.attn_norm.weight, eps), w_qkv).view(B, H + 2 * Hkv, D)
+            qk = F.rms_norm(qkv[:, :H + Hkv], (D,), None, eps) * w_qk_norm  # QK-norm, (B, H+Hkv, D)
+            qk = qk * cos + qk.roll(D // 2, dims=-1) * sin  # RoPE
+            cache.k[i, :, :, T0] = qk[:, H:]  # (B, Hkv, D) into slot T0
+            cache.v[i, :, :, T0] = qkv[:, H + Hkv:]
+            k, v = cache.k[i, :, :, :T0 + 1], cache.v[i, :, :, :T0 + 1]  # (B, Hkv, T0+1, D)
+            y = F.scaled_dot_product_attention(qk[:, :H, None], k, v, enable_gqa=gqa)  # (B, H, 1, D)
+            x = torch.addmm(x, y.reshape(B, H * D), w_proj)  # x + attention output, (B, C)
+            gate, up = torch.mm(F.rms_norm(x, (C,), blk.mlp_norm.weight, eps), w_gate_up).chunk(2, dim=-1)
+            x = torch.addmm(x, F.silu(gate) * up, w_down)  # (B, C)
+        cache.advance(1)
+        return torch.mm(F.rms_norm(x, (C,), m.norm_f.weight, eps), head_t)  # (B, V)
 
     def _step(self, row: _Row, comp: Completion, token: int, stop_ids, stop_strings, tools_on: bool,
               max_tool_calls: int, max_output: int) -> str | None:

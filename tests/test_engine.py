@@ -240,3 +240,26 @@ def test_fast_cpu_forward_matches_model(kw):
             p.mul_(-1.0) if p.ndim == 2 else None
     after = eng.generate([[1, 2, 3]], max_tokens=5, temperature=0)[0].tokens
     assert after == greedy_no_cache(model, [1, 2, 3], 5)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=4, tie_embeddings=True), dict(n_kv_head=1, head_dim=32)],
+                         ids=["gqa", "mha-tied", "mqa-wide-heads"])
+def test_decode_step_matches_model(kw):
+    """The one-token decode step (unpadded batches, what engine.forward dispatches to) computes
+    GPT.forward's logits at every step."""
+    from chatforge.model import KVCache
+
+    model = random_model(512, seed=4, **kw)
+    eng = Engine(model)
+    c = model.config
+    seq = torch.randint(0, 512, (2, 12))
+    ours = KVCache(2, c.n_layer, c.n_kv_head, c.head_dim, 12)
+    ref = KVCache(2, c.n_layer, c.n_kv_head, c.head_dim, 12)
+    with torch.no_grad():
+        eng.forward(seq[:, :6], ours)
+        model(seq[:, :6], kv_cache=ref)
+        for t in range(6, 12):
+            a = eng.forward(seq[:, t:t + 1], ours)  # (B, 1, V) through _decode_step
+            b = model(seq[:, t:t + 1], kv_cache=ref)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert ours.pos == ref.pos == 12
