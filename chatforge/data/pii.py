@@ -44,21 +44,31 @@ PHONE_RE = re.compile(
 )
 
 
-def mask_emails(text: str, placeholder: str = EMAIL_PLACEHOLDER) -> tuple[str, int]:
-    """
-    >>> mask_emails("write to jane.doe@uni-x.edu or x@2x.png")
-    ('write to email@example.com or x@2x.png', 1)
+def _mask(pattern: re.Pattern, text: str, placeholder: str, keep) -> tuple[str, int]:
+    """Replace each match of `pattern` with `placeholder` unless keep(match_text); count replacements.
+
+    >>> _mask(re.compile(r"\\d+"), "a 1 b 22", "#", keep=lambda s: len(s) > 1)
+    ('a # b 22', 1)
     """
     n = 0
 
     def repl(m: re.Match) -> str:
         nonlocal n
-        if m.group(0).lower().endswith(FILE_SUFFIXES):  # "logo@2x.png" is a retina image name
+        if keep(m.group(0)):
             return m.group(0)
         n += 1
         return placeholder
 
-    return EMAIL_RE.sub(repl, text), n
+    return pattern.sub(repl, text), n
+
+
+def mask_emails(text: str, placeholder: str = EMAIL_PLACEHOLDER) -> tuple[str, int]:
+    """
+    >>> mask_emails("write to jane.doe@uni-x.edu or x@2x.png")
+    ('write to email@example.com or x@2x.png', 1)
+    """
+    # "logo@2x.png" is a retina image name, not an address
+    return _mask(EMAIL_RE, text, placeholder, keep=lambda s: s.lower().endswith(FILE_SUFFIXES))
 
 
 def _is_public(addr: str) -> bool:
@@ -74,21 +84,12 @@ def mask_ips(text: str, v4: str = IPV4_PLACEHOLDER, v6: str = IPV6_PLACEHOLDER) 
     >>> mask_ips("server 8.8.8.8, router 192.168.1.1, v6 2606:4700:4700::1111, lo ::1")
     ('server 192.0.2.1, router 192.168.1.1, v6 2001:db8::1, lo ::1', 2)
     """
-    n = 0
-
-    def sub(placeholder):
-        def repl(m: re.Match) -> str:
-            nonlocal n
-            if _is_public(m.group(0)):
-                n += 1
-                return placeholder
-            return m.group(0)
-        return repl
-
-    text = IPV4_RE.sub(sub(v4), text)
+    private = lambda s: not _is_public(s)  # noqa: E731
+    text, n4 = _mask(IPV4_RE, text, v4, keep=private)
+    n6 = 0
     if ":" in text:
-        text = IPV6_RE.sub(sub(v6), text)
-    return text, n
+        text, n6 = _mask(IPV6_RE, text, v6, keep=private)
+    return text, n4 + n6
 
 
 def mask_phone_numbers(text: str, placeholder: str = PHONE_PLACEHOLDER) -> tuple[str, int]:
@@ -96,17 +97,8 @@ def mask_phone_numbers(text: str, placeholder: str = PHONE_PLACEHOLDER) -> tuple
     >>> mask_phone_numbers("Call (415) 555-2671 or +44 20 7946 0958; order 12345678 in 2024.")
     ('Call 555-0100 or 555-0100; order 12345678 in 2024.', 2)
     """
-    n = 0
-
-    def repl(m: re.Match) -> str:
-        nonlocal n
-        digits = sum(c.isdigit() for c in m.group(0))
-        if not 7 <= digits <= 15:  # E.164 numbers have at most 15 digits
-            return m.group(0)
-        n += 1
-        return placeholder
-
-    return PHONE_RE.sub(repl, text), n
+    # E.164 numbers have at most 15 digits; fewer than 7 is not a phone number
+    return _mask(PHONE_RE, text, placeholder, keep=lambda s: not 7 <= sum(c.isdigit() for c in s) <= 15)
 
 
 class PIIMasker:
