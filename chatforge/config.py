@@ -153,20 +153,26 @@ class PretrainConfig(CommonConfig):
 
 
 @dataclass
-class SampleConfig:
-    """`chatforge sample CHECKPOINT`: complete a prompt with a base (or any) checkpoint."""
+class GenerationConfig:
+    """Settings shared by the commands that generate from a checkpoint (`sample`, `chat`)."""
 
     checkpoint: str = option("", "checkpoint folder (e.g. runs/tiny/pretrain/checkpoint)")
-    prompt: str = option("", "text to complete")
-    prompt_file: str = option("", "read the prompt from this file (few-shot examples, a document start)")
     max_tokens: int = option(200, "tokens to generate")
     temperature: float = option(0.8, "sampling temperature; 0 = greedy")
     top_k: int = option(50, "sample among the k most likely tokens (0 = all)")
     top_p: float = option(1.0, "nucleus sampling: smallest set of tokens reaching this probability")
-    num_samples: int = option(1, "completions to draw")
     seed: int = option(1337, "random seed")
     device: str = option("auto", "cuda | mps | cpu | auto")
     threads: int = option(0, "torch threads; 0 = one per core")
+
+
+@dataclass
+class SampleConfig(GenerationConfig):
+    """`chatforge sample CHECKPOINT`: complete a prompt with a base (or any) checkpoint."""
+
+    prompt: str = option("", "text to complete")
+    prompt_file: str = option("", "read the prompt from this file (few-shot examples, a document start)")
+    num_samples: int = option(1, "completions to draw")
 
 
 @dataclass
@@ -181,22 +187,18 @@ class IndexConfig(CommonConfig):
 
 
 @dataclass
-class ChatConfig:
-    """`chatforge chat CHECKPOINT`: talk to a checkpoint in the terminal, with tools."""
+class ChatConfig(GenerationConfig):
+    """`chatforge chat CHECKPOINT`: talk to a checkpoint in the terminal, with tools. Redeclared fields
+    keep their place and take chat defaults."""
 
-    checkpoint: str = option("", "checkpoint folder (e.g. runs/tiny/sft/checkpoint)")
-    system: str = option("", "system prompt (change it in the chat with /system TEXT)")
-    temperature: float = option(0.6, "sampling temperature; 0 = greedy (change with /temp X)")
-    top_k: int = option(50, "sample among the k most likely tokens (0 = all)")
-    top_p: float = option(0.95, "nucleus sampling: smallest set of tokens reaching this probability")
     max_tokens: int = option(512, "tokens per reply, tool output included")
+    temperature: float = option(0.6, "sampling temperature; 0 = greedy (change with /temp X)")
+    top_p: float = option(0.95, "nucleus sampling: smallest set of tokens reaching this probability")
+    system: str = option("", "system prompt (change it in the chat with /system TEXT)")
     tools: bool = option(True, "let the model call the python sandbox and search")
     index: str = option("", "search index (default: <run>/index/search.sqlite next to the checkpoint's stage, "
                             "if it exists)")
     max_tool_calls: int = option(4, "tool calls per reply")
-    seed: int = option(1337, "random seed")
-    device: str = option("auto", "cuda | mps | cpu | auto")
-    threads: int = option(0, "torch threads; 0 = one per core")
     color: str = option("auto", "auto | always | never: colour tool calls and results")
 
 
