@@ -143,6 +143,19 @@ def test_changed_settings_redo_tasks(tmp_path, inputs):
     assert stats["docs_out"] == 0  # the new threshold was applied, old task outputs not reused
 
 
+def test_turning_dedup_on_redoes_tasks(tmp_path, inputs):
+    """Tasks staged with dedup off carry no hashes; a rerun with dedup on must not reuse them (it used
+    to crash on empty band keys, or drop every document as an exact duplicate of hash 0)."""
+    off = _cfg(tmp_path, inputs, inputs=[str(inputs / "dolma-*")], dedup_exact=False, dedup_minhash=False)
+    data_stage.run(off)
+    kept_without_dedup = json.loads((tmp_path / "runs/t/data/stats.json").read_text())["docs_out"]
+    (tmp_path / "runs/t/data/DONE").unlink()
+    data_stage.run(_cfg(tmp_path, inputs, inputs=[str(inputs / "dolma-*")], force=False))
+    stats = json.loads((tmp_path / "runs/t/data/stats.json").read_text())
+    assert 0 < stats["docs_out"] <= kept_without_dedup
+    assert stats["docs_out"] > kept_without_dedup // 2  # not everything dropped as "exact"
+
+
 def test_stage_data_corpus_entry(tmp_path, inputs):
     from chatforge.common import ChatforgeError
     from chatforge.tokenizer import expand_corpus, iter_documents

@@ -57,9 +57,10 @@ SCHEMA = pa.schema([
 ])
 STAGED_SCHEMA = SCHEMA.append(pa.field("exact_hash", pa.int64())).append(pa.field("band_keys", pa.binary()))
 STEPS = ["read", "url", "extract", "lang", "gopher_rep", "gopher_quality", "c4", "fineweb", "pii", "dedup"]
-# Settings that change what a task produces; the others (workers, executor, shard size) do not.
+# Settings that change what a task produces; the others (workers, executor, shard size) do not. The
+# dedup switches do count: a task stages exact hashes and band keys only when they are on.
 _NOT_IN_FINGERPRINT = {"run", "runs_dir", "device", "threads", "force", "workers", "executor", "ray_address",
-                       "shard_docs", "sample_dropped", "dedup_exact", "dedup_minhash"}
+                       "shard_docs", "sample_dropped"}
 _FLUSH_DOCS = 500  # staged rows per parquet row group: bounds a worker's memory
 
 
@@ -279,6 +280,18 @@ class TaskRunner:
         return self.stats
 
 
+def completed_task(task: dict) -> dict | None:
+    """The task's marker if it finished with these settings on this input and its staged output is
+    still there, else None (the task must run)."""
+    tasks_dir = Path(task["tasks_dir"])
+    stem = f"{task['index']:05d}"
+    done = read_marker(tasks_dir / f"{stem}.json")
+    if (done and done.get("fingerprint") == task["fingerprint"] and done.get("input") == task["input"]
+            and (tasks_dir / f"{stem}.staged").exists()):
+        return done
+    return None
+
+
 def run_task(task: dict) -> dict:
     """Executor entry point (a top-level function, so it pickles for processes and Ray).
 
@@ -287,8 +300,8 @@ def run_task(task: dict) -> dict:
     tasks_dir = Path(task["tasks_dir"])
     stem = f"{task['index']:05d}"
     marker = tasks_dir / f"{stem}.json"
-    done = read_marker(marker)
-    if done and done.get("fingerprint") == task["fingerprint"] and done.get("input") == task["input"]:
+    done = completed_task(task)
+    if done:
         return done
     runner = TaskRunner(task["cfg"], task["blocklist"])
     stats = runner.run_file(task["input"], tasks_dir / f"{stem}.staged", tasks_dir / f"{stem}.dropped.jsonl")

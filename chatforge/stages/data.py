@@ -73,7 +73,7 @@ def run(cfg: DataConfig) -> dict:
         return read_done(out)
     _check(cfg)
     from chatforge.data.executor import make_executor
-    from chatforge.data.pipeline import (dedup_and_write, empty_stats, merge_stats, read_marker, run_task,
+    from chatforge.data.pipeline import (dedup_and_write, empty_stats, merge_stats, completed_task, run_task,
                                          settings_fingerprint)
     from chatforge.data.warc import expand_inputs
 
@@ -97,9 +97,8 @@ def run(cfg: DataConfig) -> dict:
         results: dict[int, dict] = {}
         pending = []
         for t in tasks:
-            m = read_marker(tasks_dir / f"{t['index']:05d}.json")
-            if m and m.get("fingerprint") == fp and m.get("input") == t["input"] \
-                    and (tasks_dir / f"{t['index']:05d}.staged").exists():
+            m = completed_task(t)
+            if m:
                 results[t["index"]] = m
             else:
                 pending.append(t)
