@@ -409,6 +409,8 @@ def resolve_config(
                 raise ConfigError(f"{source}: unknown setting '{name}' for stage '{stage}' "
                                   f"(known: {', '.join(types_)})")
             values[name] = check_value(types_[name], value, name, source)
+    if preset and "preset" in types_:  # speedrun passes the preset (from a flag or its file) to every stage
+        values["preset"] = preset
     for name, value in (overrides or {}).items():
         if name not in types_:
             raise ConfigError(f"unknown setting '{name}' for stage '{stage}'")

@@ -362,7 +362,7 @@ class GPT(nn.Module):
             return
         generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         cache = KVCache(B, self.config.n_layer, self.config.n_kv_head, self.config.head_dim, T + max_new_tokens)
-        logits = self(idx, kv_cache=cache)[:, -1, :]  # prefill, (B, V)
+        logits = self(idx, kv_cache=cache, last_only=True)[:, -1, :]  # prefill, (B, V)
         for step in range(max_new_tokens):
             token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
             yield token

@@ -216,10 +216,13 @@ def _iter_file(path: Path, doc_chars: int, stats: CorpusStats) -> Iterator[str]:
                         stats.bad_records += 1
         elif name.endswith((".jsonl", ".json")):
             with _open_text(path) as f:
-                first = f.read(1)
+                first = f.read(256).lstrip()[:1]  # a JSON list may start after whitespace
                 f.seek(0)
                 if name.endswith(".json") and first == "[":  # a JSON list of records
-                    records: Iterable[Any] = json.load(f)
+                    try:
+                        records: Iterable[Any] = json.load(f)
+                    except json.JSONDecodeError as e:
+                        raise ChatforgeError(f"corpus file '{path}' is not valid JSON ({e})") from None
                     for rec in records:
                         t = record_text(rec)
                         if t:

@@ -144,8 +144,11 @@ def test_data_path_setting_env_and_gz_twins(tmp_path, monkeypatch):
         data_path("text/b.csv")
 
 
-def test_device_and_threads():
+def test_device_and_threads(monkeypatch):
     import torch
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):  # setup_threads sets them
+        monkeypatch.delenv(var, raising=False)
 
     assert get_device("cpu").type == "cpu"
     assert get_device("auto").type in ("cuda", "mps", "cpu")
@@ -159,3 +162,11 @@ def test_device_and_threads():
         assert setup_threads(1) == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_speedrun_takes_the_preset_named_in_its_file(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('preset = "gpu"\n')
+    cfg = parse(["speedrun", "--config", str(f)])
+    assert cfg.preset == "gpu"
+    assert parse(["speedrun", "--config", str(f), "--preset", "tiny"]).preset == "tiny"

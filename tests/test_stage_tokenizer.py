@@ -54,6 +54,15 @@ def test_tokenizer_stage_end_to_end(tmp_path, corpus, shared_data, capsys):
     assert Tokenizer.load(d).vocab_size == 512
 
 
+def test_report_never_measures_training_text(tmp_path, shared_data, capsys):
+    gsm8k_test = str(shared_data / "math/gsm8k/test.jsonl")  # the report's "math" text
+    assert run_cli("--run", "h", "--runs_dir", tmp_path, "--data_dir", shared_data, "--vocab_size", 400,
+                   "--corpus", gsm8k_test, "--report_chars", 5000) == 0
+    report = json.loads((tmp_path / "h" / "tokenizer" / "report.json").read_text())
+    assert "math" not in report["held_out"] and "web" in report["held_out"]
+    assert "is in the training corpus" in capsys.readouterr().out
+
+
 def test_doc_and_total_char_caps(tmp_path, corpus, shared_data):
     assert run_cli("--run", "c", "--runs_dir", tmp_path, "--data_dir", shared_data, "--vocab_size", 300,
                    "--corpus", corpus[1], "--max_chars", 100_000, "--doc_chars", 50,

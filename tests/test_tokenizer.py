@@ -319,6 +319,15 @@ def test_missing_and_non_utf8_corpus(tmp_path):
         list(iter_documents([str(tmp_path / "*.parquet")]))
 
 
+def test_json_list_corpus(tmp_path):
+    f = tmp_path / "docs.json"
+    f.write_text('\n  [{"text": "one"}, {"question": "q?", "answer": "a"}]')
+    assert list(iter_documents([str(f)])) == ["one", "q?\na"]
+    f.write_text('[{"text": "one"},')
+    with pytest.raises(ChatforgeError, match="docs.json' is not valid JSON"):
+        list(iter_documents([str(f)]))
+
+
 def test_bad_jsonl_records_are_skipped_and_counted(tmp_path):
     from chatforge.tokenizer import CorpusStats
 

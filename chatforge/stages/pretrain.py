@@ -360,13 +360,14 @@ def evaluate_bpb(model, stream, windows, seq_len: int, batch_size: int, token_by
 
     was_training = model.training
     model.eval()
-    nats = torch.zeros((), dtype=torch.float64, device=device)
-    nbytes = torch.zeros((), dtype=torch.float64, device=device)
+    acc = token_bytes.dtype  # float64, float32 on MPS (no float64 there)
+    nats = torch.zeros((), dtype=acc, device=device)
+    nbytes = torch.zeros((), dtype=acc, device=device)
     for x, y in iter_eval_batches(stream, windows, seq_len, batch_size, device):
         with autocast():
             loss = model(x, y, loss_reduction="none")  # (B, T)
         b = token_bytes[y]  # (B, T)
-        nats += (loss.double() * (b > 0)).sum()
+        nats += (loss.to(acc) * (b > 0)).sum()
         nbytes += b.sum()
     totals = all_reduce_sum(torch.stack([nats, nbytes]), d)
     model.train(was_training)
@@ -596,7 +597,8 @@ def _train(cfg, d, device, device_name, tok, tok_dir, plan, corpus, ckpt, resume
                           grad_accum=plan.grad_accum, seed=cfg.seed, device=device)
     val_windows = eval_windows(val_stream, plan.seq_len, cfg.eval_tokens, d.rank, d.world)
     token_bytes_np = np.asarray(tok.token_bytes(), dtype=np.int64)
-    token_bytes = torch.tensor(token_bytes_np, dtype=torch.float64, device=device)
+    token_bytes = torch.tensor(token_bytes_np, device=device,
+                               dtype=torch.float32 if device.type == "mps" else torch.float64)
 
     # 3. Model: the same seeded init on every rank (or the checkpoint's weights).
     torch.manual_seed(cfg.seed)

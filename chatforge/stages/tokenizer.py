@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -39,14 +40,19 @@ def corpus_paths(cfg: TokenizerConfig) -> list[str]:
                          f"data stage for run '{cfg.run}' first")
 
 
-def compression_report(tokenizers: dict[str, Tokenizer], cfg: TokenizerConfig) -> dict:
-    """Bytes per token per kind of held-out text (higher = better compression)."""
+def compression_report(tokenizers: dict[str, Tokenizer], cfg: TokenizerConfig, train_paths: list[str]) -> dict:
+    """Bytes per token per kind of held-out text (higher = better compression). A kind whose file is
+    in the training corpus is skipped: it would not be held out."""
+    trained_on = {Path(p).resolve() for p in train_paths}
     rows = {}
     for kind, rel in REPORT_TEXTS.items():
         try:
             path = data_path(rel, cfg.data_dir)
         except ChatforgeError:
             log0(f"  report: skipping '{kind}' ({rel} not in the data dir)")
+            continue
+        if path.resolve() in trained_on:
+            log0(f"  report: skipping '{kind}' ({rel} is in the training corpus, so not held out)")
             continue
         text = "\n\n".join(iter_documents([str(path)], doc_chars=cfg.doc_chars, max_chars=cfg.report_chars))
         n_bytes = len(text.encode("utf-8"))
@@ -120,7 +126,7 @@ def _train(cfg: TokenizerConfig, run: StageRun, paths: list[str], threads: int) 
     except ChatforgeError:
         log0("  report: GPT-2 files not in the data dir; reporting chatforge alone")
     t1 = time.time()
-    rows = compression_report(tokenizers, cfg)
+    rows = compression_report(tokenizers, cfg, paths)
     sample = "\n\n".join(iter_documents([p for p in paths[:1]], cfg.data_dir, cfg.doc_chars, 2_000_000))
     t2 = time.time()
     tok.encode_batch(sample.split("\n\n"), num_threads=threads)
