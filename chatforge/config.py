@@ -235,8 +235,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "vocab_size": 4096,
             "corpus": [
                 "stage:data",  # this run's data stage shards (clean web text)
-                "text/wiki_demo.txt",
-                "text/c4_demo.jsonl",
+                "text/wiki_demo.txt",  # (text/c4_demo.jsonl stays out: it is the report's held-out web text)
                 "text/tinyshakespeare.txt.gz",
                 "math/gsm8k/train.jsonl",
                 "chat/oasst/en_100_tree.jsonl",
