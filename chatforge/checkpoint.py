@@ -48,11 +48,7 @@ def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Weights to save: wrapper prefixes stripped, a tied head stored once (as wte.weight),
     contiguous CPU tensors (safetensors needs both)."""
     inner = unwrap_model(model)
-    state = {}
-    for name, t in inner.state_dict().items():
-        for prefix in ("_orig_mod.", "module."):
-            name = name.replace(prefix, "")
-        state[name] = t
+    state = dict(inner.state_dict())  # unwrap_model already removed DDP/compile wrappers
     if inner.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}

@@ -415,7 +415,3 @@ def resolve_config(
             raise ConfigError(f"unknown setting '{name}' for stage '{stage}'")
         values[name] = value
     return cls(**values)
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)

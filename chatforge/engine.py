@@ -279,7 +279,7 @@ class Engine:
             if idx.size(1) == 1 and cache.pad is None and cache.k is not None and cache.pos < cache.max_len:
                 return self._decode_step(idx[:, 0], cache, pack)[:, None]  # (B, 1, V)
             return self._fast_forward(idx, cache, last_only, pack)
-        return self.model(idx, kv_cache=cache, last_only=last_only) if last_only else self.model(idx, kv_cache=cache)
+        return self.model(idx, kv_cache=cache, last_only=last_only)
 
     def _packed(self):
         m = self.model

@@ -164,9 +164,6 @@ class KVCache:
             self.pad = self.pad[index]
         self.shape = (self.shape[0], len(index), *self.shape[2:])
 
-    def reset(self) -> None:
-        self.pos = 0
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
