@@ -16,25 +16,22 @@ import sys
 from chatforge import config as C
 from chatforge.common import ChatforgeError
 
-# stage name -> (config class, module with run(cfg), one-line help)
-STAGES: dict[str, tuple[type, str, str]] = {
-    "tokenizer": (C.TokenizerConfig, "chatforge.stages.tokenizer",
-                  "train a byte-level BPE tokenizer (rustbpe) and write its compression report"),
-    "pretrain": (C.PretrainConfig, "chatforge.stages.pretrain",
-                 "train the base model (next-token prediction) on the tokenized corpus; torchrun for many GPUs"),
-    "index": (C.IndexConfig, "chatforge.stages.index",
-              "build the search tool's full-text index (SQLite FTS5, BM25) over the data shards or given files"),
-    "speedrun": (C.SpeedrunConfig, "chatforge.stages.speedrun",
-                 "run every pipeline stage in order on one preset (complete stages are skipped)"),
+# Top-level stage commands: name -> one-line help. A stage's config class is config.STAGE_CONFIGS[name]
+# and its code the module chatforge.stages.<name>, with run(cfg).
+STAGES: dict[str, str] = {
+    "tokenizer": "train a byte-level BPE tokenizer (rustbpe) and write its compression report",
+    "pretrain": "train the base model (next-token prediction) on the tokenized corpus; torchrun for many GPUs",
+    "index": "build the search tool's full-text index (SQLite FTS5, BM25) over the data shards or given files",
+    "speedrun": "run every pipeline stage in order on one preset (complete stages are skipped)",
 }
+# The data stage is reached through a sub-action, `chatforge data process`.
+DATA_HELP = ("WARC/WET web crawls -> clean text shards, FineWeb-style (URL filter, HTML->text, language ID, "
+             "quality filters, PII masking, dedup), every decision counted")
 
 
-# Stages reached through a sub-action (`chatforge data process`) rather than a top-level command.
-SUB_STAGES: dict[str, tuple[type, str, str]] = {
-    "data": (C.DataConfig, "chatforge.stages.data",
-             "WARC/WET web crawls -> clean text shards, FineWeb-style (URL filter, HTML->text, language ID, "
-             "quality filters, PII masking, dedup), every decision counted"),
-}
+def stage_module(name: str):
+    """chatforge.stages.<name>, imported only when that stage runs (keeps `chatforge --help` fast)."""
+    return importlib.import_module(f"chatforge.stages.{name}")
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
@@ -64,16 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "Each subcommand is one stage; artifacts go to runs/<run>/<stage>/.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (cls, _, help_) in STAGES.items():
+    for name, help_ in STAGES.items():
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--preset", choices=list(C.PRESETS), help="named bundle of settings, e.g. tiny")
         p.add_argument("--config", help="TOML file with settings (flags override it)")
-        add_config_args(p, cls)
+        add_config_args(p, C.STAGE_CONFIGS[name])
 
     data = sub.add_parser("data", help="web data: process WARC crawls into text shards, inspect a run, "
                                        "list and download named public datasets")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    pr = dsub.add_parser("process", help=SUB_STAGES["data"][2], description=SUB_STAGES["data"][2])
+    pr = dsub.add_parser("process", help=DATA_HELP, description=DATA_HELP)
     pr.add_argument("--preset", choices=list(C.PRESETS), help="named bundle of settings, e.g. tiny")
     pr.add_argument("--config", help="TOML file with settings (flags override it)")
     add_config_args(pr, C.DataConfig)
@@ -114,14 +111,11 @@ SAMPLE_HELP = ("complete text with a checkpoint, streamed to the terminal. A bas
 
 
 # Commands on a checkpoint (positional CHECKPOINT, flags from the config class; no run directory).
-CHECKPOINT_COMMANDS: dict[str, tuple[type, str]] = {
-    "sample": (C.SampleConfig, "chatforge.stages.sample"),
-    "chat": (C.ChatConfig, "chatforge.stages.chat"),
-}
+CHECKPOINT_COMMANDS: dict[str, type] = {"sample": C.SampleConfig, "chat": C.ChatConfig}
 
 
 def parse_stage_config(name: str, args: argparse.Namespace):
-    cls = {**STAGES, **SUB_STAGES}[name][0]
+    cls = C.STAGE_CONFIGS[name]
     types_ = C.field_types(cls)
     overrides = {}
     for f in dataclasses.fields(cls):
@@ -141,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             from chatforge import datasets
 
             if args.data_command == "process":
-                importlib.import_module(SUB_STAGES["data"][1]).run(parse_stage_config("data", args))
+                stage_module("data").run(parse_stage_config("data", args))
             elif args.data_command == "inspect":
                 from chatforge.stages.data import inspect
 
@@ -158,14 +152,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"exported {args.checkpoint_arg} -> {path} (transformers.AutoModelForCausalLM.from_pretrained)")
             return 0
         if args.command in CHECKPOINT_COMMANDS:
-            cls, module_name = CHECKPOINT_COMMANDS[args.command]
+            cls = CHECKPOINT_COMMANDS[args.command]
             types_ = C.field_types(cls)
             values = {k: C.parse_value(types_[k], v, k) for k, v in vars(args).items() if k in types_}
-            importlib.import_module(module_name).run(cls(**{**values, "checkpoint": args.checkpoint_arg}))
+            stage_module(args.command).run(cls(**{**values, "checkpoint": args.checkpoint_arg}))
             return 0
-        cfg = parse_stage_config(args.command, args)
-        module = importlib.import_module(STAGES[args.command][1])
-        module.run(cfg)
+        stage_module(args.command).run(parse_stage_config(args.command, args))
         return 0
     except (ChatforgeError, C.ConfigError) as e:
         print(f"chatforge {args.command}: error: {e}", file=sys.stderr)

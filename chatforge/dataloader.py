@@ -1,11 +1,12 @@
 """Pretraining data: tokenize a text corpus once into token shards, then serve packed batches.
 
-1. `build_token_shards` reads documents (`chatforge.tokenizer.iter_documents`, the reader the
-   tokenizer stage uses), encodes them on tiktoken's thread pool, puts <|bos|> before every
-   document, and appends them to a train or a validation stream:
+1. `build_token_shards` reads documents (`chatforge.tokenizer.read_documents`, the reader the
+   tokenizer stage and the search index use), encodes them on tiktoken's thread pool, puts <|bos|>
+   before every document, and appends them to a train or a validation stream:
 
        <dir>/train_00000.npy ...   uint16 token ids (uint32 when the vocab exceeds 65536)
        <dir>/val_00000.npy ...
+       <dir>/train_counts.npy      int64 occurrences of each token id in the train split
        <dir>/index.json            shard list, token/document/byte counts, a fingerprint   (written last)
 
    The validation split is deterministic: document i (in corpus order) is held out when
@@ -36,11 +37,12 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from chatforge.common import ChatforgeError, atomic_write_text
+from chatforge.common import ChatforgeError, atomic_write, atomic_write_text
 
 INDEX = "index.json"
 SHARD_TOKENS = 1 << 26  # 64 Mi tokens (128 MiB as uint16) per shard file
-INDEX_VERSION = 1
+COUNTS = "train_counts.npy"  # how often each token id occurs in the train split (unigram baseline)
+INDEX_VERSION = 2  # 2: train_counts.npy; plain text without blank lines is one document per line
 
 
 def val_period(val_fraction: float) -> int:
@@ -74,13 +76,18 @@ def tokenizer_fingerprint(tok) -> str:
     return h.hexdigest()[:16]
 
 
+def _save_npy(path: Path, data: np.ndarray) -> None:
+    atomic_write(path, lambda f: np.save(f, data))  # a crash never leaves a partial array
+
+
 class _ShardWriter:
-    def __init__(self, out_dir: Path, split: str, dtype, shard_tokens: int):
+    def __init__(self, out_dir: Path, split: str, dtype, shard_tokens: int, vocab_size: int):
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
         self.buf: list[np.ndarray] = []
         self.n_buf = 0
         self.shards: list[dict] = []
         self.tokens = self.documents = 0
+        self.counts = np.zeros(vocab_size, dtype=np.int64)  # occurrences of each token id
 
     def add(self, ids: list[int]) -> None:
         arr = np.asarray(ids, dtype=self.dtype)
@@ -96,12 +103,8 @@ class _ShardWriter:
             return
         data = np.concatenate(self.buf)
         name = f"{self.split}_{len(self.shards):05d}.npy"
-        tmp = self.out_dir / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.out_dir / name)
+        _save_npy(self.out_dir / name, data)
+        self.counts += np.bincount(data, minlength=self.counts.size)
         self.shards.append({"file": name, "tokens": int(data.size)})
         self.buf, self.n_buf = [], 0
 
@@ -116,14 +119,16 @@ def read_index(out_dir: str | os.PathLike) -> dict | None:
         return None
 
 
-def build_token_shards(out_dir: str | os.PathLike, tok, corpus: list[str], *, data_dir: str = "",
+def build_token_shards(out_dir: str | os.PathLike, tok, corpus: list[str | Path], *, data_dir: str = "",
                        doc_chars: int = 100_000, max_chars: int = 0, val_fraction: float = 0.02,
                        shard_tokens: int = SHARD_TOKENS, batch_docs: int = 1024, num_threads: int = 0,
                        run=None, log=print) -> dict:
     """Tokenize `corpus` into train/val shards under out_dir (reused when the fingerprint matches).
-    Returns the index dict. Raises ChatforgeError on an empty corpus or an empty split. `run` (a
-    stage config) resolves `stage:NAME` corpus entries (chatforge.tokenizer.expand_corpus)."""
-    from chatforge.tokenizer import CorpusStats, expand_corpus, iter_documents
+    Returns the index dict. Raises ChatforgeError on an empty corpus or an empty split. `corpus` is
+    files or globs for chatforge.tokenizer.expand_corpus (a list it already returned passes through
+    unchanged); `run` (a stage config) resolves `stage:NAME` entries. The train split's token counts
+    are stored too (`train_token_counts`), for the unigram baseline."""
+    from chatforge.tokenizer import CorpusStats, expand_corpus, read_documents
 
     out_dir = Path(out_dir)
     if not corpus:
@@ -143,7 +148,7 @@ def build_token_shards(out_dir: str | os.PathLike, tok, corpus: list[str], *, da
     for old in out_dir.glob("*.npy"):
         old.unlink()
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-    writers = {s: _ShardWriter(out_dir, s, dtype, shard_tokens) for s in ("train", "val")}
+    writers = {s: _ShardWriter(out_dir, s, dtype, shard_tokens, tok.vocab_size) for s in ("train", "val")}
     stats = CorpusStats()
     token_bytes = np.asarray(tok.token_bytes(), dtype=np.int64)
     n_bytes = {"train": 0, "val": 0}
@@ -157,8 +162,8 @@ def build_token_shards(out_dir: str | os.PathLike, tok, corpus: list[str], *, da
             writers[split].add(ids)
             n_bytes[split] += int(token_bytes[np.asarray(ids)].sum())
 
-    for doc in iter_documents([str(f) for f in files], data_dir, doc_chars, max_chars, stats):
-        batch.append(doc)
+    for doc in read_documents(files, doc_chars, max_chars, stats):
+        batch.append(doc.text)
         if len(batch) >= batch_docs:
             encode(batch, doc_index)
             doc_index += len(batch)
@@ -182,6 +187,7 @@ def build_token_shards(out_dir: str | os.PathLike, tok, corpus: list[str], *, da
         **{s: {"shards": w.shards, "tokens": w.tokens, "documents": w.documents, "bytes": n_bytes[s]}
            for s, w in writers.items()},
     }
+    _save_npy(out_dir / COUNTS, writers["train"].counts)
     atomic_write_text(out_dir / INDEX, json.dumps(index, indent=2) + "\n")
     log(f"tokenized {doc_index:,} documents ({stats.chars:,} chars): train {writers['train'].tokens:,} "
         f"tokens, val {writers['val'].tokens:,} tokens -> {out_dir}")
@@ -189,7 +195,7 @@ def build_token_shards(out_dir: str | os.PathLike, tok, corpus: list[str], *, da
 
 
 def check_shards(out_dir: str | os.PathLike, index: dict) -> None:
-    """Every shard the index lists must be on disk with its recorded length."""
+    """Every shard the index lists (and the train token counts) must be on disk."""
     out_dir = Path(out_dir)
     for split in ("train", "val"):
         for s in index[split]["shards"]:
@@ -198,6 +204,14 @@ def check_shards(out_dir: str | os.PathLike, index: dict) -> None:
                 raise ChatforgeError(
                     f"token shard {p} is missing ({index[split]['tokens']:,} {split} tokens listed in "
                     f"{out_dir / INDEX}); delete {out_dir} to tokenize the corpus again")
+    if not (out_dir / COUNTS).exists():
+        raise ChatforgeError(f"{out_dir / COUNTS} is missing; delete {out_dir} to tokenize the corpus again")
+
+
+def train_token_counts(out_dir: str | os.PathLike) -> np.ndarray:
+    """How often each token id occurs in the train split (vocab_size int64s), counted once by
+    build_token_shards as it wrote the shards."""
+    return np.load(Path(out_dir) / COUNTS)
 
 
 class TokenStream:

@@ -24,8 +24,9 @@ Learning rates (nanochat `scripts/base_train.py`, tuned at width 768):
   suits the large LRs used for embeddings.
 - Muon momentum warms up from 0.85 to 0.95 over the first 300 steps (modded-nanogpt).
 
-Both optimizers live in one `MultiOptimizer` whose state_dict holds both, so checkpoints and resume
-treat them as one object.
+Both optimizers live in one `MultiOptimizer`, stepped and scheduled as one. Checkpoints save their
+state with torch.distributed.checkpoint's `get_optimizer_state_dict(model, list(opt.optimizers.values()))`
+(chatforge/stages/pretrain.py), which keys it by parameter name and gathers FSDP shards.
 """
 
 from __future__ import annotations
@@ -66,15 +67,6 @@ class MultiOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != set(self.optimizers):
-            raise ValueError(f"optimizer state has parts {sorted(state)}, expected {sorted(self.optimizers)}")
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(state[name])
 
     def set_lr(self, multiplier: float) -> None:
         for g in self.param_groups:

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 from chatforge.common import ChatforgeError, atomic_write_text, data_dir, data_path, physical_cores
 
@@ -89,13 +89,21 @@ def stage_shards(stage_path: Path) -> list[Path]:
     return sorted((stage_path / "shards").glob("*.parquet")) or sorted(stage_path.glob("*.parquet"))
 
 
-def expand_corpus(paths: Iterable[str], data_dir_setting: str = "", run: Any = None) -> list[Path]:
+def expand_corpus(paths: Iterable[str | Path], data_dir_setting: str = "", run: Any = None) -> list[Path]:
     """Files named by paths or globs; relative names are looked up in the data dir too.
 
-    The entry `stage:NAME` (e.g. `stage:data`) stands for the text shards of stage NAME of `run`
-    (a stage config: anything with `runs_dir` and `run`), which must be complete."""
+    A string that names an existing file is that file, even when it holds glob characters (`a[1].txt`);
+    otherwise `*?[` make it a glob. A `Path` is always the file it names, never a glob, so a list this
+    function returned passes through it unchanged (expand once, hand the list on). The entry
+    `stage:NAME` (e.g. `stage:data`) stands for the text shards of stage NAME of `run` (a stage
+    config: anything with `runs_dir` and `run`), which must be complete."""
     out: list[Path] = []
     for p in paths:
+        if isinstance(p, Path):
+            if not p.exists():
+                raise ChatforgeError(f"corpus file '{p}' not found")
+            out.append(p)
+            continue
         if p.startswith(STAGE_PREFIX):
             stage = p[len(STAGE_PREFIX):]
             if run is None:
@@ -108,25 +116,18 @@ def expand_corpus(paths: Iterable[str], data_dir_setting: str = "", run: Any = N
                                      f"shards; rerun it with --force")
             out.extend(shards)
             continue
-        if any(ch in p for ch in "*?["):
-            root = "" if os.path.isabs(p) else str(data_dir(data_dir_setting))
+        root = "" if os.path.isabs(p) else str(data_dir(data_dir_setting))
+        literal = next((Path(c) for c in (p, os.path.join(root, p)) if os.path.isfile(c)), None)
+        if literal is None and any(ch in p for ch in "*?["):
             hits = sorted(glob.glob(p)) or sorted(glob.glob(os.path.join(root, p)))
             if not hits:
                 raise ChatforgeError(f"corpus glob '{p}' matches no file (cwd and data dir {root or '/'})")
             out.extend(Path(h) for h in hits)
         else:
-            out.append(data_path(p, data_dir_setting))
+            out.append(literal or data_path(p, data_dir_setting))
     for f in out:
         if f.is_dir():
             raise ChatforgeError(f"corpus entry '{f}' is a folder; give files or a glob like '{f}/*.parquet'")
-    return out
-
-
-def resolve_stage_entries(paths: Iterable[str], run: Any) -> list[str]:
-    """Replace each `stage:NAME` entry by the paths of that stage's shards; other entries stay."""
-    out: list[str] = []
-    for p in paths:
-        out.extend(str(f) for f in expand_corpus([p], "", run)) if p.startswith(STAGE_PREFIX) else out.append(p)
     return out
 
 
@@ -176,12 +177,18 @@ def record_text(rec: Any) -> str:
 
 
 def _split_plain(text: str, doc_chars: int) -> Iterator[str]:
-    """Plain text has no document boundaries: blank-line separated blocks are documents, and a block
-    longer than doc_chars is cut on line boundaries so nothing is thrown away."""
-    for block in text.split("\n\n"):
+    """Plain text has no document boundaries: blank-line separated blocks are documents, and a file
+    with no blank line at all is one document per line (e.g. one article per line). A block longer
+    than doc_chars (0 = no limit) is cut on line boundaries so nothing is thrown away.
+
+    >>> list(_split_plain("a\\nb\\n\\nc\\n", 100)), list(_split_plain("a\\nb\\n", 100))
+    (['a\\nb', 'c\\n'], ['a', 'b'])
+    """
+    blocks = text.split("\n\n") if "\n\n" in text else text.split("\n")
+    for block in blocks:
         if not block.strip():
             continue
-        if len(block) <= doc_chars:
+        if not doc_chars or len(block) <= doc_chars:
             yield block
             continue
         piece: list[str] = []
@@ -196,8 +203,24 @@ def _split_plain(text: str, doc_chars: int) -> Iterator[str]:
             yield "\n".join(piece)
 
 
-def _iter_file(path: Path, doc_chars: int, stats: CorpusStats) -> Iterator[str]:
+class Document(NamedTuple):
+    """One document of a corpus file."""
+
+    text: str
+    source: str  # "<file name>#<n>": the n-th row, line, list element or text block of the file, from 0
+    meta: dict  # the string values of the record fields asked for (e.g. url, title); {} for plain text
+
+
+def _iter_file(path: Path, doc_chars: int, stats: CorpusStats, fields: tuple[str, ...]) -> Iterator[Document]:
     name = path.name.removesuffix(".gz")
+
+    def doc(n: int, text: Any, rec: Any) -> Document | None:
+        if not text or not isinstance(text, str):
+            stats.bad_records += 1  # a long job skips and counts a bad record
+            return None
+        meta = {k: rec[k] for k in fields if isinstance(rec.get(k), str) and rec[k]} if isinstance(rec, dict) else {}
+        return Document(text, f"{path.name}#{n}", meta)
+
     try:
         if name.endswith(".parquet"):
             import pyarrow.parquet as pq
@@ -206,14 +229,18 @@ def _iter_file(path: Path, doc_chars: int, stats: CorpusStats) -> Iterator[str]:
                 pf = pq.ParquetFile(path)
             except Exception as e:  # pyarrow raises several types for a bad file
                 raise ChatforgeError(f"corpus file '{path}' is not a readable parquet file ({e})") from None
-            if "text" not in pf.schema_arrow.names:
-                raise ChatforgeError(f"corpus file '{path}' has no 'text' column (columns: {pf.schema_arrow.names})")
-            for batch in pf.iter_batches(columns=["text"], batch_size=1024):
-                for t in batch.column(0).to_pylist():
-                    if t:
-                        yield t
-                    else:
-                        stats.bad_records += 1
+            columns = pf.schema_arrow.names
+            if "text" not in columns:
+                raise ChatforgeError(f"corpus file '{path}' has no 'text' column (columns: {columns})")
+            n = 0
+            for batch in pf.iter_batches(columns=["text", *(c for c in fields if c in columns and c != "text")],
+                                         batch_size=1024):
+                texts = batch.column(0).to_pylist()
+                recs = batch.to_pylist() if fields else [None] * len(texts)
+                for text, rec in zip(texts, recs):
+                    if (d := doc(n, text, rec)) is not None:
+                        yield d
+                    n += 1
         elif name.endswith((".jsonl", ".json")):
             with _open_text(path) as f:
                 first = f.read(256).lstrip()[:1]  # a JSON list may start after whitespace
@@ -223,27 +250,23 @@ def _iter_file(path: Path, doc_chars: int, stats: CorpusStats) -> Iterator[str]:
                         records: Iterable[Any] = json.load(f)
                     except json.JSONDecodeError as e:
                         raise ChatforgeError(f"corpus file '{path}' is not valid JSON ({e})") from None
-                    for rec in records:
-                        t = record_text(rec)
-                        if t:
-                            yield t
-                        else:
-                            stats.bad_records += 1
+                    for n, rec in enumerate(records):
+                        if (d := doc(n, record_text(rec), rec)) is not None:
+                            yield d
                     return
-                for line in f:
+                for n, line in enumerate(f):
                     if not line.strip():
                         continue
                     try:
-                        t = record_text(json.loads(line))
+                        rec = json.loads(line)
                     except json.JSONDecodeError:
-                        t = ""
-                    if t:
-                        yield t
-                    else:
-                        stats.bad_records += 1  # a long job skips and counts a bad record
+                        rec = None
+                    if (d := doc(n, record_text(rec), rec)) is not None:
+                        yield d
         else:
             with _open_text(path) as f:
-                yield from _split_plain(f.read(), doc_chars)
+                for n, text in enumerate(_split_plain(f.read(), doc_chars)):
+                    yield Document(text, f"{path.name}#{n}", {})
     except UnicodeDecodeError as e:
         raise ChatforgeError(
             f"corpus file '{path}' is not valid UTF-8 (byte {e.object[e.start:e.start + 1]!r} at offset "
@@ -253,23 +276,34 @@ def _iter_file(path: Path, doc_chars: int, stats: CorpusStats) -> Iterator[str]:
         raise ChatforgeError(f"corpus file '{path}' could not be read ({e})") from None
 
 
-def iter_documents(paths: Iterable[str], data_dir_setting: str = "", doc_chars: int = 10_000,
-                   max_chars: int = 0, stats: CorpusStats | None = None, run: Any = None) -> Iterator[str]:
-    """Documents from a corpus, each truncated to doc_chars, stopping after max_chars in total
-    (0 = no limit). `stats` is filled in as documents are read; `run` resolves `stage:NAME` entries."""
+def read_documents(files: Iterable[Path], doc_chars: int = 10_000, max_chars: int = 0,
+                   stats: CorpusStats | None = None, fields: tuple[str, ...] = ()) -> Iterator[Document]:
+    """The documents of files (from `expand_corpus`): .parquet (the `text` column), .jsonl / .json
+    (`record_text` of each record), else UTF-8 text, optionally gzipped. Each is truncated to doc_chars
+    (0 = no limit); reading stops after max_chars in total (0 = no limit). `fields` names record fields
+    to keep in Document.meta (e.g. ("url", "title") for the search index). Records without text are
+    counted in stats.bad_records and skipped; a missing, unreadable or non-UTF-8 file is an error."""
     stats = stats if stats is not None else CorpusStats()
-    files = expand_corpus(paths, data_dir_setting, run)
     for path in files:
         stats.files += 1
-        for doc in _iter_file(path, doc_chars, stats):
-            if len(doc) > doc_chars:
-                doc = doc[:doc_chars]
+        for doc in _iter_file(Path(path), doc_chars, stats, fields):
+            if doc_chars and len(doc.text) > doc_chars:
+                doc = doc._replace(text=doc.text[:doc_chars])
                 stats.truncated += 1
             stats.documents += 1
-            stats.chars += len(doc)
+            stats.chars += len(doc.text)
             yield doc
             if max_chars and stats.chars >= max_chars:
                 return
+
+
+def iter_documents(paths: Iterable[str | Path], data_dir_setting: str = "", doc_chars: int = 10_000,
+                   max_chars: int = 0, stats: CorpusStats | None = None, run: Any = None) -> Iterator[str]:
+    """The text of `read_documents` over `expand_corpus(paths, data_dir_setting, run)`: documents
+    truncated to doc_chars, stopping after max_chars in total (0 = no limit). `stats` is filled in as
+    documents are read; `run` resolves `stage:NAME` entries."""
+    for doc in read_documents(expand_corpus(paths, data_dir_setting, run), doc_chars, max_chars, stats):
+        yield doc.text
 
 
 # ----------------------------------------------------------------------------------------------

@@ -99,6 +99,23 @@ def test_presets_only_name_real_fields():
                 assert key in field_types(cls), f"preset {name}.{stage}.{key}"
 
 
+def test_every_stage_config_has_one_command():
+    """The CLI's stage commands come from config.STAGE_CONFIGS (one table, not two): each stage is a
+    command (data through `chatforge data process`) whose flags are its config's fields, run by
+    chatforge.stages.<name>."""
+    import importlib
+
+    from chatforge import cli
+    from chatforge.config import STAGE_CONFIGS
+
+    assert set(cli.STAGES) | {"data"} == set(STAGE_CONFIGS)
+    parser = cli.build_parser()
+    for name, cls in STAGE_CONFIGS.items():
+        argv = ["data", "process"] if name == "data" else [name]
+        assert isinstance(cli.parse_stage_config(name, parser.parse_args([*argv, "--run", "x"])), cls)
+        assert callable(importlib.import_module(f"chatforge.stages.{name}").run)
+
+
 # ----------------------------------------------------------------------------------------------
 # Run directories and completion markers
 

@@ -20,7 +20,7 @@ import torch
 from chatforge.cli import main
 from chatforge.common import ChatforgeError, write_json
 from chatforge.config import PretrainConfig, resolve_config
-from chatforge.dataloader import PackedLoader, TokenStream, build_token_shards, eval_windows
+from chatforge.dataloader import PackedLoader, TokenStream, build_token_shards, eval_windows, train_token_counts
 from chatforge.model import GPT, ModelConfig
 from chatforge.optim import build_optimizer, lr_multiplier, muon_momentum
 from chatforge.stages import pretrain
@@ -108,13 +108,19 @@ def test_optimizer_groups_and_state():
     x = torch.randint(0, 256, (2, 16))
     model(x, x).backward()
     opt.step()
-    state = opt.state_dict()
-    assert set(state) == {"muon", "adamw"}
+    # save and restore as pretraining does (torch.distributed.checkpoint, state keyed by parameter name)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    full = StateDictOptions(full_state_dict=True)
+    state = get_optimizer_state_dict(model, list(opt.optimizers.values()), options=full)
     model2 = GPT(ModelConfig.from_depth(2, vocab_size=256, max_seq_len=16))
     opt2 = build_optimizer(model2.param_groups(), 128)
-    opt2.load_state_dict(state)
+    set_optimizer_state_dict(model2, list(opt2.optimizers.values()), state, options=full)
     buf = muon.state[muon.param_groups[0]["params"][0]]["momentum_buffer"]
     assert torch.equal(opt2.optimizers["muon"].state[model2.param_groups()["matrix"][0]]["momentum_buffer"], buf)
+    exp_avg = adamw.state[model.wte.weight]["exp_avg"]
+    assert torch.equal(opt2.optimizers["adamw"].state[model2.wte.weight]["exp_avg"], exp_avg)
 
     opt.set_lr(0.5)
     assert all(g["lr"] == pytest.approx(0.5 * g["initial_lr"]) for g in opt.param_groups)
@@ -132,7 +138,13 @@ def test_derived_settings_follow_depth():
     cfg = resolve_config(PretrainConfig, overrides={"depth": 20})
     plan = pretrain.derive_settings(cfg, vocab_size=32768, world=8)
     assert plan.model_config.n_embd == 1280 and plan.total_batch_size == 524288  # nanochat's d20 batch
-    assert plan.grad_accum == 1 and plan.num_iterations == round(20 * plan.num_params / 524288)
+    # Counted by hand, d20 (width 1280, 10 heads of 128, SwiGLU 64*ceil(8*1280/3/64) = 3456), vocab 32768:
+    #   per block: q,k,v,o 4*1280^2 = 6,553,600 + gate,up,down 3*1280*3456 = 13,271,040
+    #              + 2 RMSNorms 2*1280 + q/k norms 2*128 = 19,827,456; x 20 blocks = 396,549,120
+    #   embedding + untied head 2*32768*1280 = 83,886,080; final norm 1,280  -> 480,436,480
+    # 20 tokens per parameter at 524,288 tokens a step: 9,608,729,600 / 524,288 = 18,327.2 -> 18,327 steps
+    assert plan.num_params == 480_436_480
+    assert plan.grad_accum == 1 and plan.num_iterations == 18_327
     small = pretrain.derive_settings(resolve_config(PretrainConfig, overrides={"depth": 4}), 32768, 1)
     assert small.total_batch_size < plan.total_batch_size and small.num_params < plan.num_params
     text = pretrain.describe_plan(plan, cfg, torch.device("cpu"), None)
@@ -219,6 +231,16 @@ def test_token_shards(tmp_path, tokenizer_dir, shared_data):
     assert (out / "index.json").stat().st_mtime_ns == mtime
     w = eval_windows(val, 16, 1600, rank=1, world_size=2)
     assert len(w) == 50 and w[0] == 1
+    # the train split's token counts are stored with the shards: the unigram baseline reads them
+    # instead of re-reading the whole train split on every (re)start
+    counts = train_token_counts(out)
+    assert counts.shape == (tok.vocab_size,) and counts.sum() == len(train)
+    assert np.array_equal(counts, np.bincount(all_train, minlength=tok.vocab_size))
+    token_bytes = np.asarray(tok.token_bytes())
+    uniform = np.full(tok.vocab_size, 7)  # every token equally likely: log2(V) bits per text token
+    y = val.window(1, 16)
+    expected = np.log2(tok.vocab_size) * (token_bytes[y] > 0).sum() / token_bytes[y].sum()
+    assert pretrain.unigram_bpb(uniform, val, [0], 16, token_bytes) == pytest.approx(expected)
     # a missing shard is one clear error
     (out / index["train"]["shards"][1]["file"]).unlink()
     with pytest.raises(ChatforgeError, match="token shard .* is missing"):

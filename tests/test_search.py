@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
 
@@ -49,9 +50,45 @@ def test_jsonl_and_text_inputs(tmp_path):
     t = tmp_path / "notes.txt"
     t.write_text("Kettles boil water.\n\nToasters brown bread.\n")
     summary = build_index([j, str(tmp_path / "*.txt")], tmp_path / "idx.sqlite")
-    assert summary["documents"] == 3 and summary["bad_records"] == 2
+    # blank-line separated blocks are documents, as for the tokenizer and pretraining (one reader)
+    assert summary["documents"] == 4 and summary["bad_records"] == 2
     hit = SqliteSearch(tmp_path / "idx.sqlite").search("toasters")[0]
-    assert hit.url == "notes.txt#0" and "Toasters" in hit.snippet
+    assert hit.url == "notes.txt#1" and hit.title == "Toasters brown bread." and "Toasters" in hit.snippet
+
+
+def test_reads_the_documents_the_tokenizer_reads(tmp_path, shard):
+    """One corpus reader: the index holds exactly the documents `iter_documents` gives the tokenizer
+    and pretraining, whatever the format (a JSON list and gzipped text included)."""
+    import gzip
+
+    from chatforge.tokenizer import iter_documents
+
+    (tmp_path / "list.json").write_text(json.dumps([{"question": "Why is the sky blue?", "answer": "Rayleigh."}]))
+    with gzip.open(tmp_path / "book.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("Chapter one.\n\nIt was a dark night.\n\n\nThe end.\n")
+    files = [shard, tmp_path / "list.json", tmp_path / "book.txt.gz"]
+    summary = build_index(files, tmp_path / "idx.sqlite", passage_chars=10_000)
+    expected = list(iter_documents(files, doc_chars=100_000))
+    assert summary["documents"] == len(expected) == 8
+    db = sqlite3.connect(tmp_path / "idx.sqlite")
+    assert sorted(b for (b,) in db.execute("SELECT body FROM passages")) == sorted(e.strip() for e in expected)
+    assert SqliteSearch(tmp_path / "idx.sqlite").search("Rayleigh")[0].url == "list.json#0"
+
+
+def test_file_name_with_glob_characters(tmp_path, shard):
+    """`[` in a file name: the inputs are expanded once, so the file is indexed, not read as a glob
+    (`a[1].txt` as a glob would match `a1.txt`)."""
+    from chatforge.cli import main
+
+    odd = tmp_path / "notes [draft].txt"
+    odd.write_text("Kettles boil water.\n")
+    (tmp_path / "notes d.txt").write_text("Decoy matched by the glob.\n")  # what the glob [draft] would match
+    assert build_index([str(odd)], tmp_path / "idx.sqlite")["files"] == [str(odd)]
+    assert build_index([odd], tmp_path / "idx.sqlite")["files"] == [str(odd)]
+    rc = main(["index", "--runs_dir", str(tmp_path / "runs"), "--run", "t", "--inputs", str(odd)])
+    assert rc == 0
+    hit = SqliteSearch(tmp_path / "runs" / "t" / "index" / "search.sqlite").search("kettles")[0]
+    assert hit.url == "notes [draft].txt#0"
 
 
 def test_token_budget_and_tool(tmp_path, shard):

@@ -97,3 +97,14 @@ def test_bad_input_is_one_clear_error(tmp_path, case, capsys):
     assert expect in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "runs" / "bad" / "tokenizer" / DONE).exists()
+
+
+def test_corpus_file_name_with_glob_characters(tmp_path, shared_data):
+    """The corpus is expanded once: `[` in a file name is that file, not a glob matching another one."""
+    odd = tmp_path / "corpus [v1].txt"
+    odd.write_text("the cat sat on the mat.\n\n" * 200)
+    (tmp_path / "corpus 1.txt").write_text("decoy " * 5000)  # what `corpus [v1].txt` matches as a glob
+    assert run_cli("--run", "g", "--runs_dir", tmp_path, "--data_dir", shared_data, "--vocab_size", 280,
+                   "--corpus", odd, "--report_chars", 2000) == 0
+    corpus = json.loads((tmp_path / "g" / "tokenizer" / "report.json").read_text())["corpus"]
+    assert corpus["files"] == 1 and corpus["documents"] == 200 and corpus["chars"] == 200 * len("the cat sat on the mat.")

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 from chatforge.common import ChatforgeError, setup_threads
-from chatforge.tokenizer import TOOL_TOKENS
 
 HELP = """commands:
   /reset         start a new conversation (keeps the system prompt)
@@ -46,11 +45,11 @@ class ReplyPrinter:
 
         self.tok, self.out, self.color = engine.tok, out, color
         self.make_decoder = lambda: StreamDecoder(self.tok)
-        sp = self.tok.special_tokens
-        self.starts = {sp[s]: name for name, (s, _) in TOOL_TOKENS.items() if s in sp}
-        self.ends = {sp[e] for _, (_, e) in TOOL_TOKENS.items() if e in sp}
-        self.out_start, self.out_end = sp.get("<|output_start|>"), sp.get("<|output_end|>")
-        self.silent = {sp[s] for s in ("<|assistant_end|>", "<|bos|>") if s in sp}
+        # the engine's own tables of the protocol's control tokens
+        self.starts = engine.tool_start  # id -> tool name
+        self.ends = set(engine.tool_end.values())
+        self.out_start, self.out_end = engine.output_start, engine.output_end
+        self.silent = set(engine.default_stop)  # <|assistant_end|>, <|bos|>
         self.dec = self.make_decoder()
         self.section = "text"
 

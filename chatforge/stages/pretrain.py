@@ -332,19 +332,20 @@ def _fmt_hours(h: float) -> str:
 # Corpus, evaluation, checkpoints
 
 
-def resolve_corpus(cfg) -> list[str]:
-    """--corpus, else what the run's tokenizer stage read, else the run's data stage shards."""
-    from chatforge.tokenizer import resolve_stage_entries, stage_shards
+def resolve_corpus(cfg) -> list[Path]:
+    """The corpus files: --corpus, else what the run's tokenizer stage read, else the run's data stage
+    shards; globs and `stage:NAME` entries expanded (once: the list goes on to build_token_shards).
+    A missing file is an error here, before anything is deleted or computed."""
+    from chatforge.tokenizer import expand_corpus, stage_shards
 
-    if cfg.corpus:
-        return resolve_stage_entries(cfg.corpus, cfg)
+    corpus = cfg.corpus
     tok_cfg = stage_dir(cfg, "tokenizer") / "config.json"
-    if tok_cfg.exists():
+    if not corpus and tok_cfg.exists():
         corpus = json.loads(tok_cfg.read_text()).get("corpus") or []
-        if corpus:
-            return resolve_stage_entries(corpus, cfg)  # `stage:data` -> that stage's shard files
+    if corpus:
+        return expand_corpus(corpus, cfg.data_dir, cfg)  # `stage:data` -> that stage's shard files
     data = require_stage(cfg, "data")
-    shards = [str(p) for p in stage_shards(data)]
+    shards = stage_shards(data)
     if not shards:
         raise ChatforgeError(f"no --corpus given and the data stage folder {data} holds no parquet shards")
     return shards
@@ -374,15 +375,11 @@ def evaluate_bpb(model, stream, windows, seq_len: int, batch_size: int, token_by
     return float(totals[0] / math.log(2) / totals[1])
 
 
-def unigram_bpb(out_dir, index, val_stream, windows, seq_len: int, token_bytes: np.ndarray) -> float:
-    """The baseline to beat: a unigram model (train-split token frequencies, add-one smoothing)
-    scored on exactly the validation targets the model is scored on."""
-    from chatforge.dataloader import TokenStream
-
-    counts = np.zeros(index["vocab_size"], dtype=np.float64)
-    for arr in TokenStream(out_dir, index, "train").arrays:
-        for i in range(0, arr.size, 1 << 24):
-            counts += np.bincount(arr[i:i + (1 << 24)], minlength=counts.size)
+def unigram_bpb(counts: np.ndarray, val_stream, windows, seq_len: int, token_bytes: np.ndarray) -> float:
+    """The baseline to beat: a unigram model (train-split token frequencies `counts`, counted once
+    when the shards were built, with add-one smoothing) scored on exactly the validation targets the
+    model is scored on."""
+    counts = counts.astype(np.float64)
     logp = np.log2(counts + 1) - np.log2(counts.sum() + counts.size)
     bits = total_bytes = 0.0
     for w in windows:
@@ -548,10 +545,7 @@ def _run(cfg, d: Dist, device: torch.device) -> dict | None:
     if cfg.dry_run:
         return None
 
-    from chatforge.tokenizer import expand_corpus
-
-    corpus = resolve_corpus(cfg)
-    expand_corpus(corpus, cfg.data_dir, cfg)  # a missing file is an error now, before anything is deleted
+    corpus = resolve_corpus(cfg)  # a missing file is an error now, before anything is deleted
     ckpt = out / "checkpoint"
     if cfg.force and d.master:
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -572,7 +566,8 @@ def _train(cfg, d, device, device_name, tok, tok_dir, plan, corpus, ckpt, resume
     from tqdm import tqdm
 
     from chatforge.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
-    from chatforge.dataloader import PackedLoader, TokenStream, build_token_shards, eval_windows, read_index
+    from chatforge.dataloader import (PackedLoader, TokenStream, build_token_shards, eval_windows, read_index,
+                                      train_token_counts)
     from chatforge.model import GPT
     from chatforge.optim import build_optimizer, clip_grad_norm, lr_multiplier, muon_momentum
 
@@ -665,7 +660,7 @@ def _train(cfg, d, device, device_name, tok, tok_dir, plan, corpus, ckpt, resume
     last_bpb = train_state.get("val_bpb")
     unigram = None
     if d.master:
-        unigram = unigram_bpb(tokens_dir, index, val_stream,
+        unigram = unigram_bpb(train_token_counts(tokens_dir), val_stream,
                               eval_windows(val_stream, plan.seq_len, cfg.eval_tokens, 0, 1),
                               plan.seq_len, token_bytes_np)
         say(f"unigram baseline on the validation text: {unigram:.4f} bits/byte")
@@ -688,16 +683,21 @@ def _train(cfg, d, device, device_name, tok, tok_dir, plan, corpus, ckpt, resume
         barrier(d)
 
     def sample_text(max_new: int) -> list[str]:
+        """Greedy continuations of SAMPLE_PROMPTS up to a new document (<|bos|>), one prompt at a time
+        so each gets the context it leaves (a prompt that fills the context stays as it is). A fresh
+        Engine each time: its packed CPU weights are a copy that must not outlive the call."""
+        from chatforge.engine import Engine
+
+        engine = Engine(raw, tok, tools={}, device=device)
         outs = []
         for prompt in SAMPLE_PROMPTS:
             ids = [tok.bos_id] + tok.encode(prompt)
-            new = []
-            with autocast():
-                for t in raw.generate(ids, max_new, temperature=0.0):
-                    if int(t[0]) == tok.bos_id:
-                        break
-                    new.append(int(t[0]))
-            outs.append(prompt + tok.decode(new))
+            if len(ids) >= raw.config.max_seq_len:
+                outs.append(prompt)
+                continue
+            [c] = engine.generate([ids], max_tokens=max_new, temperature=0.0, stop_tokens=[tok.bos_id],
+                                  use_tools=False)
+            outs.append(prompt + c.text)
         return outs
 
     stop = StopFlag()

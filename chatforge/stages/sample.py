@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from chatforge.common import ChatforgeError, get_device, setup_threads
+from chatforge.common import ChatforgeError, setup_threads
 
 
 def load_prompt(cfg) -> str:
@@ -31,20 +31,8 @@ def load_prompt(cfg) -> str:
     return text + cfg.prompt
 
 
-def stream_decode(tok, ids: list[int], printed: str) -> str:
-    """The text of `ids` minus what was already printed; holds back a trailing partial UTF-8
-    character (decoded as U+FFFD) until the token completing it arrives."""
-    text = tok.decode(ids)
-    if text.endswith("\ufffd"):
-        return ""
-    return text[len(printed):]
-
-
 def run(cfg, out=None) -> list[str]:
-    import torch
-
-    from chatforge.checkpoint import load_checkpoint
-    from chatforge.tokenizer import Tokenizer
+    from chatforge.engine import Engine, StreamDecoder
 
     out = out or sys.stdout
     if not cfg.checkpoint:
@@ -56,50 +44,29 @@ def run(cfg, out=None) -> list[str]:
     if cfg.max_tokens < 1 or cfg.num_samples < 1 or cfg.top_k < 0:
         raise ChatforgeError("--max_tokens and --num_samples must be at least 1, --top_k at least 0")
     setup_threads(cfg.threads)
-    device = get_device(cfg.device)
-    model, info = load_checkpoint(cfg.checkpoint, device)
-    model.eval()
-    if info["tokenizer_dir"] is None:
-        raise ChatforgeError(f"checkpoint {cfg.checkpoint} has no tokenizer/ folder; cannot encode a prompt")
-    tok = Tokenizer.load(info["tokenizer_dir"])
-    mc = info["model_config"]
-    if tok.vocab_size != mc.vocab_size:
-        raise ChatforgeError(f"checkpoint {cfg.checkpoint}: its tokenizer has {tok.vocab_size} tokens but the "
-                             f"model's vocabulary is {mc.vocab_size}; the folder mixes two models")
+    engine = Engine.from_checkpoint(cfg.checkpoint, cfg.device, tools={})
+    tok, ctx = engine.tok, engine.config.max_seq_len
     ids = [tok.bos_id] + tok.encode(load_prompt(cfg))
-    if len(ids) >= mc.max_seq_len:
-        raise ChatforgeError(f"the prompt is {len(ids)} tokens but the model's context is {mc.max_seq_len}; "
+    if len(ids) >= ctx:
+        raise ChatforgeError(f"the prompt is {len(ids)} tokens but the model's context is {ctx}; "
                              f"shorten the prompt")
-    max_new = min(cfg.max_tokens, mc.max_seq_len - len(ids))
-    if max_new < cfg.max_tokens:
-        print(f"(context is {mc.max_seq_len} tokens: generating at most {max_new})", file=sys.stderr)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    if ctx - len(ids) < cfg.max_tokens:
+        print(f"(context is {ctx} tokens: generating at most {ctx - len(ids)})", file=sys.stderr)
     prompt_text = tok.decode(ids[1:])
     outputs = []
     for i in range(cfg.num_samples):
         if cfg.num_samples > 1:
             print(f"--- sample {i + 1} ---", file=out)
         print(prompt_text, end="", file=out, flush=True)
-        new: list[int] = []
-        printed = ""
-        gen = model.generate(ids, max_new, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                             top_p=cfg.top_p, seed=cfg.seed + i)
-        if amp is not None:
-            amp.__enter__()
-        try:
-            for t in gen:
-                t = int(t[0])
-                if t == tok.bos_id:  # the model began a new document
-                    break
-                new.append(t)
-                piece = stream_decode(tok, new, printed)
-                if piece:
-                    printed += piece
-                    print(piece, end="", file=out, flush=True)
-        finally:
-            if amp is not None:
-                amp.__exit__(None, None, None)
-        tail = tok.decode(new)[len(printed):]
-        print(tail, file=out, flush=True)
-        outputs.append(tok.decode(new))
+        dec = StreamDecoder(tok)
+
+        def show(_: int, token: int, __: bool) -> None:
+            if token != tok.bos_id:  # <|bos|>: the model began a new document, where it stops
+                print(dec.push(token), end="", file=out, flush=True)
+
+        [c] = engine.generate([ids], max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                              top_k=cfg.top_k or None, top_p=cfg.top_p, seed=cfg.seed + i,
+                              stop_tokens=[tok.bos_id], use_tools=False, on_token=show)
+        print(dec.flush(), file=out, flush=True)
+        outputs.append(c.text)
     return outputs

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from chatforge.common import ChatforgeError, StageRun, data_path, is_complete, log0, read_done, \
     setup_threads, stage_dir, stage_run, write_json
 from chatforge.config import TokenizerConfig
-from chatforge.tokenizer import CorpusStats, Tokenizer, expand_corpus, iter_documents
+from chatforge.tokenizer import CorpusStats, Tokenizer, expand_corpus, read_documents
 
 # Held-out text per kind for the compression report (none of it is in the tiny training corpus).
 REPORT_TEXTS = {
@@ -28,6 +28,7 @@ REPORT_TEXTS = {
     "code": "eval/humaneval/HumanEval.jsonl.gz",
 }
 GPT2_DIR = "tokenizers/gpt2"
+ENCODE_SAMPLE_CHARS = 2_000_000  # training text kept to measure encoding speed
 
 
 def corpus_paths(cfg: TokenizerConfig) -> list[str]:
@@ -40,7 +41,7 @@ def corpus_paths(cfg: TokenizerConfig) -> list[str]:
                          f"data stage for run '{cfg.run}' first")
 
 
-def compression_report(tokenizers: dict[str, Tokenizer], cfg: TokenizerConfig, train_paths: list[str]) -> dict:
+def compression_report(tokenizers: dict[str, Tokenizer], cfg: TokenizerConfig, train_paths: list[Path]) -> dict:
     """Bytes per token per kind of held-out text (higher = better compression). A kind whose file is
     in the training corpus is skipped: it would not be held out."""
     trained_on = {Path(p).resolve() for p in train_paths}
@@ -54,7 +55,7 @@ def compression_report(tokenizers: dict[str, Tokenizer], cfg: TokenizerConfig, t
         if path.resolve() in trained_on:
             log0(f"  report: skipping '{kind}' ({rel} is in the training corpus, so not held out)")
             continue
-        text = "\n\n".join(iter_documents([str(path)], doc_chars=cfg.doc_chars, max_chars=cfg.report_chars))
+        text = "\n\n".join(d.text for d in read_documents([path], cfg.doc_chars, cfg.report_chars))
         n_bytes = len(text.encode("utf-8"))
         row = {"file": rel, "bytes": n_bytes}
         for name, tok in tokenizers.items():
@@ -85,23 +86,26 @@ def run(cfg: TokenizerConfig) -> dict:
         log0(f"tokenizer: {out} is complete, skipping (pass --force to retrain)")
         return read_done(out)
     threads = setup_threads(cfg.threads)
-    # Fail on a missing corpus file before anything is written.
-    paths = [str(p) for p in expand_corpus(corpus_paths(cfg), cfg.data_dir, cfg)]
+    # Expanded once, here: a missing corpus file fails before anything is written.
+    files = expand_corpus(corpus_paths(cfg), cfg.data_dir, cfg)
     with stage_run(cfg, "tokenizer") as run:
-        return _train(cfg, run, paths, threads)
+        return _train(cfg, run, files, threads)
 
 
-def _train(cfg: TokenizerConfig, run: StageRun, paths: list[str], threads: int) -> dict:
+def _train(cfg: TokenizerConfig, run: StageRun, files: list[Path], threads: int) -> dict:
     stats = CorpusStats()
-    docs = iter_documents(paths, cfg.data_dir, cfg.doc_chars, cfg.max_chars, stats)
+    docs = (d.text for d in read_documents(files, cfg.doc_chars, cfg.max_chars, stats))
     first = next(docs, None)
     if first is None:
-        raise ChatforgeError(f"corpus {paths} holds no documents")
-    log0(f"tokenizer: training vocab {cfg.vocab_size} on {len(paths)} file(s), up to {cfg.max_chars:,} chars")
+        raise ChatforgeError(f"corpus {[str(f) for f in files]} holds no documents")
+    log0(f"tokenizer: training vocab {cfg.vocab_size} on {len(files)} file(s), up to {cfg.max_chars:,} chars")
+    sample: list[str] = []  # the first ~2 MB of training text, kept to time encoding afterwards
 
     def counted(bar):
         last = 0
         for d in itertools.chain([first], docs):
+            if last < ENCODE_SAMPLE_CHARS:
+                sample.append(d)
             yield d
             bar.update(stats.chars - last)
             last = stats.chars
@@ -126,11 +130,10 @@ def _train(cfg: TokenizerConfig, run: StageRun, paths: list[str], threads: int) 
     except ChatforgeError:
         log0("  report: GPT-2 files not in the data dir; reporting chatforge alone")
     t1 = time.time()
-    rows = compression_report(tokenizers, cfg, paths)
-    sample = "\n\n".join(iter_documents([p for p in paths[:1]], cfg.data_dir, cfg.doc_chars, 2_000_000))
+    rows = compression_report(tokenizers, cfg, files)
     t2 = time.time()
-    tok.encode_batch(sample.split("\n\n"), num_threads=threads)
-    encode_mb_s = len(sample.encode()) / 1e6 / max(1e-9, time.time() - t2)
+    tok.encode_batch(sample, num_threads=threads)
+    encode_mb_s = sum(len(d.encode()) for d in sample) / 1e6 / max(1e-9, time.time() - t2)
     report = {"vocab_size": tok.vocab_size, "pattern": cfg.pattern, "train_seconds": round(train_s, 2),
               "corpus": vars(stats), "encode_MB_per_s": round(encode_mb_s, 2), "held_out": rows}
     write_json(run.dir / "report.json", report)

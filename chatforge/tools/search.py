@@ -18,8 +18,6 @@ like `what's "C++"?` cannot raise a syntax error, and BM25 still rewards documen
 
 from __future__ import annotations
 
-import glob
-import gzip
 import json
 import re
 import sqlite3
@@ -29,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
 from chatforge.common import ChatforgeError
+from chatforge.tokenizer import CorpusStats, expand_corpus, read_documents
 
 
 @dataclass
@@ -53,7 +52,7 @@ class Doc:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading documents: parquet shards (data stage), jsonl, plain text
+# Documents: read with the corpus reader the tokenizer and pretraining use (chatforge.tokenizer)
 
 
 def _title_of(text: str) -> str:
@@ -61,81 +60,16 @@ def _title_of(text: str) -> str:
     return first[:80] + ("…" if len(first) > 80 else "")
 
 
-def _record_doc(rec: dict, fallback_url: str) -> Doc | None:
-    text = rec.get("text") or rec.get("content") or ""
-    if not isinstance(text, str) or not text.strip():
-        return None
-    url = rec.get("url") or rec.get("source") or fallback_url
-    title = rec.get("title") if isinstance(rec.get("title"), str) and rec.get("title") else _title_of(text)
-    return Doc(str(title), str(url), text)
-
-
-def iter_docs(paths: Iterable[str | Path], stats: dict | None = None) -> Iterator[Doc]:
-    """Documents from .parquet (columns text [, url, title, id]), .jsonl[.gz] (same fields) and plain
-    text files (blank-line separated paragraphs grouped into ~4 KB documents, or one document per
-    line when the file has no blank line). Bad records are
-    counted in stats["bad_records"] and skipped."""
-    stats = stats if stats is not None else {}
-    stats.setdefault("bad_records", 0)
-    for path in paths:
-        path = Path(path)
-        name = path.name.removesuffix(".gz")
-        if name.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            try:
-                pf = pq.ParquetFile(path)
-            except Exception as e:  # pyarrow raises several types for a bad file
-                raise ChatforgeError(f"index input '{path}' is not a readable parquet file ({e})") from None
-            cols = [c for c in ("text", "url", "title", "id") if c in pf.schema_arrow.names]
-            if "text" not in cols:
-                raise ChatforgeError(f"index input '{path}' has no 'text' column (columns: {pf.schema_arrow.names})")
-            for batch in pf.iter_batches(columns=cols, batch_size=1024):
-                for i, rec in enumerate(batch.to_pylist()):
-                    doc = _record_doc(rec, f"{path.name}#{rec.get('id', i)}")
-                    if doc is None:
-                        stats["bad_records"] += 1
-                    else:
-                        yield doc
-            continue
-        opener = gzip.open if path.suffix == ".gz" else open
-        try:
-            with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-                if name.endswith((".jsonl", ".json")):
-                    for n, line in enumerate(f, 1):
-                        if not line.strip():
-                            continue
-                        try:
-                            rec = json.loads(line)
-                        except json.JSONDecodeError:
-                            rec = None
-                        doc = _record_doc(rec, f"{path.name}#{n}") if isinstance(rec, dict) else None
-                        if doc is None:
-                            stats["bad_records"] += 1
-                        else:
-                            yield doc
-                else:
-                    text = f.read()
-                    # Blank-line separated paragraphs, grouped into ~4 KB documents; a file with no
-                    # blank line at all is one document per line (e.g. one article per line).
-                    paragraphs = bool(re.search(r"\n\s*\n", text))
-                    blocks = re.split(r"\n\s*\n", text) if paragraphs else text.split("\n")
-                    group = 4000 if paragraphs else 1
-                    buf: list[str] = []
-                    size = part = 0
-                    for para in blocks:
-                        if para.strip():
-                            buf.append(para.strip())
-                            size += len(para)
-                        if size >= group:
-                            text = "\n\n".join(buf)
-                            yield Doc(_title_of(text), f"{path.name}#{part}", text)
-                            buf, size, part = [], 0, part + 1
-                    if buf:
-                        text = "\n\n".join(buf)
-                        yield Doc(_title_of(text), f"{path.name}#{part}", text)
-        except OSError as e:
-            raise ChatforgeError(f"index input '{path}' could not be read ({e})") from None
+def iter_docs(files: Iterable[Path], stats: CorpusStats | None = None) -> Iterator[Doc]:
+    """Documents of files (from `expand_corpus`) through `chatforge.tokenizer.read_documents`, so the
+    index sees the documents the model was trained on: parquet `text` column, .jsonl / .json records,
+    plain text by blank-line blocks (one document per line in a file without blank lines), never
+    truncated (long documents are cut into passages instead). The title is the record's `title`, else
+    the first line; the URL its `url` (or `source`), else `file#n`. Bad records are counted in
+    stats.bad_records and skipped."""
+    for d in read_documents(files, doc_chars=0, stats=stats, fields=("url", "source", "title")):
+        yield Doc(d.meta.get("title") or _title_of(d.text), d.meta.get("url") or d.meta.get("source") or d.source,
+                  d.text)
 
 
 def passages(text: str, passage_chars: int) -> list[str]:
@@ -178,17 +112,10 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
 
 def build_index(paths: Iterable[str | Path], out: str | Path, passage_chars: int = 1200, max_docs: int = 0,
                 log: Callable[[str], None] | None = None) -> dict:
-    """Index documents from files or globs into a new SQLite FTS5 database at `out` (written to a
-    temporary file and renamed, so a crash never leaves half an index). Returns counts."""
-    files: list[Path] = []
-    for p in paths:
-        hits = sorted(glob.glob(str(p))) if any(c in str(p) for c in "*?[") else [str(p)]
-        if not hits:
-            raise ChatforgeError(f"index input glob '{p}' matches no file")
-        for h in hits:
-            if not Path(h).is_file():
-                raise ChatforgeError(f"index input '{h}' not found (or not a file)")
-            files.append(Path(h))
+    """Index documents from files or globs (`chatforge.tokenizer.expand_corpus`: a `Path` is a file,
+    a string may be a glob) into a new SQLite FTS5 database at `out` (written to a temporary file and
+    renamed, so a crash never leaves half an index). Returns counts."""
+    files = expand_corpus(paths)  # once: a file name with glob characters (`a[1].txt`) stays a file
     if not files:
         raise ChatforgeError("no input files to index; give .parquet, .jsonl or text files")
     out = Path(out)
@@ -196,7 +123,7 @@ def build_index(paths: Iterable[str | Path], out: str | Path, passage_chars: int
     tmp = out.with_name(out.name + ".tmp")
     tmp.unlink(missing_ok=True)
     t0 = time.time()
-    stats = {"bad_records": 0}
+    stats = CorpusStats()
     n_docs = n_passages = n_chars = 0
     db = sqlite3.connect(tmp)
     try:
@@ -219,7 +146,7 @@ def build_index(paths: Iterable[str | Path], out: str | Path, passage_chars: int
         n_passages += len(rows)
         db.execute("INSERT INTO passages(passages) VALUES ('optimize')")  # merge segments: faster queries
         summary = {"documents": n_docs, "passages": n_passages, "chars": n_chars,
-                   "bad_records": stats["bad_records"], "files": [str(f) for f in files],
+                   "bad_records": stats.bad_records, "files": [str(f) for f in files],
                    "seconds": round(time.time() - t0, 2)}
         db.execute("INSERT INTO meta VALUES ('summary', ?)", (json.dumps(summary),))
         db.commit()
