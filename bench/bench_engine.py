@@ -59,6 +59,46 @@ def best(fn, trials: int) -> tuple[float, object]:
     return t_best, out
 
 
+def replies_of_different_lengths(B, greedy, ours, theirs, hf, args, t_ours_1, t_hf_1):
+    """The batch-B workload a chat server sees: replies end at different lengths. Row b is given a stop
+    token from its own greedy continuation, first produced near position (b+1)/B of --new and absent
+    from the first half of the other rows' targets; every row stops at the first of these tokens it
+    produces (the same list on both sides, HF's eos_token_id list), so the reply lengths spread over
+    1..--new and are identical on both sides (checked). Decode tok/s = (replies' tokens - B) /
+    (t(whole call) - t(1 new token)), the first token and the prefill being timed by the caller."""
+    targets = [(b + 1) * args.new // B for b in range(B)]
+    stops = set()
+    for b, row in enumerate(greedy):
+        first = {}
+        for i, t in enumerate(row):
+            first.setdefault(t, i)
+        for t in sorted(first, key=lambda t: abs(first[t] + 1 - targets[b])):
+            if all(t not in greedy[c][:targets[c] // 2] for c in range(B) if c != b):
+                stops.add(t)
+                break
+    stops = sorted(stops)
+    lengths = []
+    for row in greedy:
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row) - 1)
+        lengths.append(cut + 1)
+    hf.generation_config.eos_token_id = stops
+    try:
+        with torch.inference_mode():
+            a = [c.tokens for c in ours(args.new, stops)()]
+            b = theirs(args.new, stops)()[:, args.prompt:].tolist()
+            same = all(x == y[:len(x)] for x, y in zip(a, b)) and [len(x) for x in a] == lengths
+            if not same:
+                raise SystemExit(f"replies of different lengths: chatforge and transformers disagree (a bug on one side)")
+            t_ours = t_hf = float("inf")
+            for _ in range(args.trials):
+                t_ours = min(t_ours, best(ours(args.new, stops), 1)[0])
+                t_hf = min(t_hf, best(theirs(args.new, stops), 1)[0])
+    finally:
+        hf.generation_config.eos_token_id = None
+    print(f"batch {B}, replies of different lengths {lengths}: identical", flush=True)
+    return B, lengths, sum(lengths) - B, t_ours - t_ours_1, t_hf - t_hf_1
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--depth", type=int, default=6)
@@ -102,19 +142,19 @@ def main() -> None:
           f"{n_params / 1e6:.1f}M parameters, float32; prompt {args.prompt} tokens, {args.new} new tokens, greedy")
     print(f"command: python {' '.join(sys.argv)}\n")
     kv = engine.kv_bytes_per_token()
-    rows = []
+    rows, ragged = [], []
     g = torch.Generator().manual_seed(1)
     for B in [int(b) for b in args.batches.split(",")]:
         ids = torch.randint(0, cfg.vocab_size - 1, (B, args.prompt), generator=g)
         prompts = ids.tolist()
         mask = torch.ones_like(ids)
 
-        def ours(n):
-            return lambda: engine.generate(prompts, max_tokens=n, temperature=0)
+        def ours(n, stops=()):
+            return lambda: engine.generate(prompts, max_tokens=n, temperature=0, stop_tokens=stops)
 
-        def theirs(n):
-            return lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                       do_sample=False)
+        def theirs(n, stops=()):
+            return lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=n,
+                                       min_new_tokens=None if stops else n, do_sample=False)
 
         with torch.inference_mode():
             # correctness first: identical greedy tokens (this also warms both sides up)
@@ -141,6 +181,8 @@ def main() -> None:
         cache_mb = kv * B * (args.prompt + args.new) / 2**20
         rows.append((B, dec_ours, dec_hf, pre_ours, pre_hf, rss_ours, rss_hf, cache_mb, same))
         print(f"batch {B}: identical greedy sequences {same}/{B}", flush=True)
+        if B > 1:
+            ragged.append(replies_of_different_lengths(B, a, ours, theirs, hf, args, t_ours_1, t_hf_1))
 
     print()
     print("| batch | decode tok/s chatforge | decode tok/s transformers | ratio | prefill tok/s chatforge | "
@@ -149,6 +191,15 @@ def main() -> None:
     for B, d1, d2, p1, p2, r1, r2, c, _ in rows:
         print(f"| {B} | {d1:,.0f} | {d2:,.0f} | {d1 / d2:.2f}x | {p1:,.0f} | {p2:,.0f} | {p1 / p2:.2f}x | "
               f"{c:.1f} MB | {r1:,.0f} MB / {r2:,.0f} MB |")
+    if ragged:
+        print("\nReplies of different lengths (a chat batch: each row stops at its own stop token; transformers "
+              "keeps finished rows in the batch until the longest reply ends, chatforge drops them), decode only:\n")
+        print("| batch | reply lengths | decoded tokens | chatforge s | transformers s | decode tok/s chatforge | "
+              "decode tok/s transformers | ratio |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|")
+        for B, lengths, n_tok, t1, t2 in ragged:
+            print(f"| {B} | {min(lengths)}-{max(lengths)} (mean {sum(lengths) / B:.0f}) | {n_tok:,} | {t1:.3f} | "
+                  f"{t2:.3f} | {n_tok / t1:,.0f} | {n_tok / t2:,.0f} | {t2 / t1:.2f}x |")
     print(f"\nKV cache: {kv:,} bytes per token per sequence (K and V x {cfg.n_layer} layers x {cfg.n_kv_head} kv heads "
           f"x {cfg.head_dim} dims x 4 bytes); chatforge preallocates prompt + max_tokens positions, not the "
           f"{cfg.max_seq_len}-token context ({kv * cfg.max_seq_len / 2**20:.1f} MB per sequence).")

@@ -70,30 +70,29 @@ class Completion:
 
 
 class StreamDecoder:
-    """Incremental detokenizer for streaming: feed token ids, get the new text. A character split
-    across tokens (UTF-8) is held back until the token that completes it arrives.
+    """Incremental detokenizer for streaming: feed token ids, get the new text. Each push decodes only
+    the new token's bytes (constant work per token, not the whole reply again); a character split
+    across tokens (UTF-8) is held back until the token that completes it arrives, and bytes that can
+    never form a character come out as U+FFFD, as `tok.decode` gives them.
 
         >>> class T:  # a stand-in tokenizer whose token 1 is half of "é" and 2 the other half
-        ...     def decode(self, ids): return b"".join({1: b"\\xc3", 2: b"\\xa9", 3: b"!"}[i] for i in ids).decode(errors="replace")
-        >>> d = StreamDecoder(T()); [d.push(1), d.push(2), d.push(3)]
-        ['', 'é', '!']
+        ...     def decode_bytes(self, ids): return b"".join({1: b"\\xc3", 2: b"\\xa9", 3: b"!"}[i] for i in ids)
+        >>> d = StreamDecoder(T()); [d.push(1), d.push(2), d.push(3), d.push(1), d.flush()]
+        ['', 'é', '!', '', '\\ufffd']
     """
 
     def __init__(self, tok):
-        self.tok, self.ids, self.printed = tok, [], ""
+        import codecs
+
+        self.tok = tok
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # keeps a partial character
 
     def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.printed = text[len(self.printed):], text
-        return new
+        return self.utf8.decode(self.tok.decode_bytes([token]))
 
     def flush(self) -> str:
-        text = self.tok.decode(self.ids)
-        new, self.printed = text[len(self.printed):], text
-        return new
+        """The held-back bytes of an unfinished character (as U+FFFD); the decoder starts afresh."""
+        return self.utf8.decode(b"", final=True)
 
 
 @dataclass
@@ -374,7 +373,10 @@ class Engine:
             gate, up = torch.mm(F.rms_norm(x, (C,), blk.mlp_norm.weight, eps), w_gate_up).chunk(2, dim=-1)
             x = torch.addmm(x, F.silu(gate) * up, w_down)  # (B, C)
         cache.advance(1)
-        return torch.mm(F.rms_norm(x, (C,), m.norm_f.weight, eps), head_t)  # (B, V)
+        x = F.rms_norm(x, (C,), m.norm_f.weight, eps)
+        # From 4 rows on, the model's own (V, C) head weight is faster (MKL, torch 2.13: 229 vs 263 us
+        # at 8 x 256 x 4096, one thread); below, the transposed copy (55 vs 61 us at one row).
+        return F.linear(x, m.lm_head.weight) if B >= 4 else torch.mm(x, head_t)  # (B, V)
 
     def _step(self, row: _Row, comp: Completion, token: int, stop_ids, stop_strings, tools_on: bool,
               max_tool_calls: int, max_output: int) -> str | None:

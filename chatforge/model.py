@@ -159,7 +159,15 @@ class KVCache:
         """Keep / repeat batch rows: row i becomes old row index[i]. The engine uses it to fan one
         prefill out to n samples and to drop finished sequences from the batch."""
         if self.k is not None:
-            self.k, self.v = self.k[:, index], self.v[:, index]  # (L, B', Hkv, T_max, D)
+            keep = index.tolist()
+            if all(a < b for a, b in zip(keep, keep[1:])):  # dropping rows: compact in place, copying
+                for j, i in enumerate(keep):                # only the positions filled so far
+                    if i != j:
+                        self.k[:, j, :, :self.pos] = self.k[:, i, :, :self.pos]
+                        self.v[:, j, :, :self.pos] = self.v[:, i, :, :self.pos]
+                self.k, self.v = self.k[:, :len(keep)], self.v[:, :len(keep)]  # views, (L, B', Hkv, T_max, D)
+            else:  # fan-out (repeated rows): a new tensor
+                self.k, self.v = self.k[:, index], self.v[:, index]  # (L, B', Hkv, T_max, D)
         if self.pad is not None:
             self.pad = self.pad[index]
         self.shape = (self.shape[0], len(index), *self.shape[2:])

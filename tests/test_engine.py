@@ -87,6 +87,23 @@ def test_stops_streaming_and_finish_reasons(model):
         assert c.finish_reason == ("stop" if stop in r.tokens else "length")
 
 
+def test_rows_that_finish_leave_an_unpadded_batch(model):
+    """Equal-length prompts take the one-token decode step (lm_head in the (V, C) layout from 4 rows);
+    rows that stop early are compacted out of the cache in place, and every other row still gets the
+    tokens it gets alone."""
+    prompts = torch.randint(0, 512, (6, 8), generator=torch.Generator().manual_seed(5)).tolist()
+    eng = Engine(model)
+    alone = [eng.generate([p], max_tokens=14, temperature=0)[0].tokens for p in prompts]
+    stops = [alone[1][2], alone[4][6]]  # row 1 ends at step 3, row 4 at step 7 (others may stop on them too)
+    outs = eng.generate(prompts, max_tokens=14, temperature=0, stop_tokens=stops)
+    finished_early = 0
+    for c, ref in zip(outs, alone):
+        cut = next((i + 1 for i, t in enumerate(ref) if t in stops), len(ref))
+        assert c.tokens == ref[:cut]
+        finished_early += cut < len(ref)
+    assert finished_early >= 2 and outs[1].finish_reason == "stop" and len(outs[1].tokens) <= 3
+
+
 def test_stop_strings_and_text(tok, model):
     eng = Engine(model, tok, tools={})
     [ref] = eng.generate([tok.encode("the cat sat", bos=True)], max_tokens=30, temperature=0, stop_tokens=[])
@@ -111,8 +128,16 @@ def test_from_checkpoint(tmp_path, tok):
     tok.save(tmp_path / "tok")
     make_checkpoint(tmp_path / "ckpt", tmp_path / "tok", tok.vocab_size)
     eng = Engine.from_checkpoint(tmp_path / "ckpt", "cpu")
-    [c] = eng.generate([tok.render_prompt([{"role": "user", "content": "hi"}])], max_tokens=8, temperature=0)
-    assert c.finish_reason in ("stop", "length") and len(c.tokens) <= 8
+    sp = tok.special
+    assert eng.default_stop == [sp("<|assistant_end|>"), sp("<|bos|>")]  # from the checkpoint's tokenizer
+    prompt = tok.render_prompt([{"role": "user", "content": "hi"}])
+    [ref] = eng.generate([prompt], max_tokens=8, temperature=0, stop_tokens=[])
+    assert ref.finish_reason == "length" and len(ref.tokens) == 8  # nothing stops it: the budget does
+    stop = ref.tokens[3]
+    first = ref.tokens.index(stop)
+    [c] = eng.generate([prompt], max_tokens=8, temperature=0, stop_tokens=[stop])
+    assert c.finish_reason == "stop" and c.tokens == ref.tokens[:first + 1]  # stop token kept in tokens
+    assert c.text == tok.decode(ref.tokens[:first])  # ... and left out of the text
     assert eng.kv_bytes_per_token() == 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 kv heads, head_dim 16, fp32
 
 
@@ -213,6 +238,38 @@ def test_stream_decoder_utf8(tok):
     assert "".join(d.push(t) for t in ids) + d.flush() == "héllo wörld ✓"
 
 
+def test_stream_decoder_multibyte_split_across_tokens_is_incremental(tok):
+    """Emoji and CJK are not in this tokenizer's merges, so each of their UTF-8 bytes is its own token:
+    a push returns nothing until the token that completes a character, then the whole character.
+    Every push decodes only its own token (linear work, not the whole reply again)."""
+    text = "ok 😀 你好 ✓!"
+    ids = tok.encode(text)
+    assert [tok.decode_bytes([i]) for i in tok.encode("😀")] == [b"\xf0", b"\x9f", b"\x98", b"\x80"]
+
+    class Counting:  # the tokenizer, counting how many ids each call decodes
+        decoded = 0
+
+        def decode(self, ids):
+            Counting.decoded += len(ids)
+            return tok.decode(ids)
+
+        def decode_bytes(self, ids):
+            Counting.decoded += len(ids)
+            return tok.decode_bytes(ids)
+
+    d = StreamDecoder(Counting())
+    pieces = [d.push(t) for t in ids]
+    assert "".join(pieces) == text and d.flush() == ""
+    assert "\ufffd" not in "".join(pieces) and all(len(p) <= 3 for p in pieces)  # never half a character
+    emoji = ids.index(tok.encode("😀")[0])
+    assert pieces[emoji:emoji + 4] == ["", "", "", "😀"]
+    assert [p for p in pieces if p and p in "你好"] == ["你", "好"] and pieces.count("") == 3 + 2 * 2 + 2
+    assert Counting.decoded == len(ids)
+    # a reply cut inside a character: flush gives the replacement character, as tok.decode does
+    d = StreamDecoder(tok)
+    assert d.push(ids[emoji]) + d.push(ids[emoji + 1]) == "" and d.flush() == tok.decode(ids[emoji:emoji + 2])
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=4, tie_embeddings=True), dict(n_kv_head=1, head_dim=32)],
                          ids=["gqa", "mha-tied", "mqa-wide-heads"])
 def test_fast_cpu_forward_matches_model(kw):
@@ -252,14 +309,15 @@ def test_decode_step_matches_model(kw):
     model = random_model(512, seed=4, **kw)
     eng = Engine(model)
     c = model.config
-    seq = torch.randint(0, 512, (2, 12))
-    ours = KVCache(2, c.n_layer, c.n_kv_head, c.head_dim, 12)
-    ref = KVCache(2, c.n_layer, c.n_kv_head, c.head_dim, 12)
-    with torch.no_grad():
-        eng.forward(seq[:, :6], ours)
-        model(seq[:, :6], kv_cache=ref)
-        for t in range(6, 12):
-            a = eng.forward(seq[:, t:t + 1], ours)  # (B, 1, V) through _decode_step
-            b = model(seq[:, t:t + 1], kv_cache=ref)
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    assert ours.pos == ref.pos == 12
+    for B in (2, 5):  # from 4 rows on, the head runs in the other weight layout
+        seq = torch.randint(0, 512, (B, 12))
+        ours = KVCache(B, c.n_layer, c.n_kv_head, c.head_dim, 12)
+        ref = KVCache(B, c.n_layer, c.n_kv_head, c.head_dim, 12)
+        with torch.no_grad():
+            eng.forward(seq[:, :6], ours)
+            model(seq[:, :6], kv_cache=ref)
+            for t in range(6, 12):
+                a = eng.forward(seq[:, t:t + 1], ours)  # (B, 1, V) through _decode_step
+                b = model(seq[:, t:t + 1], kv_cache=ref)
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert ours.pos == ref.pos == 12
