@@ -21,6 +21,7 @@ replacement characters, so undecodable bytes never stop a run.
 from __future__ import annotations
 
 import codecs
+import io
 import os
 import urllib.request
 from collections import Counter
@@ -53,8 +54,43 @@ def open_stream(path: str) -> IO[bytes]:
     downloaded first)."""
     if path.startswith(("http://", "https://")) or path.startswith("crawl-data/"):
         url = path if path.startswith("http") else CC_PREFIX + path
-        return urllib.request.urlopen(url, timeout=60)  # noqa: S310 (user-given crawl URL)
+        return _ForwardStream(urllib.request.urlopen(url, timeout=60))  # noqa: S310 (user-given crawl URL)
     return open(path, "rb")
+
+
+class _ForwardStream(io.RawIOBase):
+    """An HTTP response as fastwarc 2 wants a stream: it asks for tell() on a seekable stream (and
+    panics on a socket's UnsupportedOperation), but only ever reads forward. Seeking forward reads
+    and discards; seeking back is an error."""
+
+    def __init__(self, raw):
+        self.raw, self.pos = raw, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = offset if whence == io.SEEK_SET else self.pos + offset if whence == io.SEEK_CUR else -1
+        if target < self.pos:
+            raise io.UnsupportedOperation("an HTTP stream can only seek forward")
+        while self.pos < target and self.read(min(1 << 20, target - self.pos)):
+            pass
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        n = self.raw.readinto(buf)
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
 
 
 def _clean_uri(uri: str | None) -> str:
