@@ -11,6 +11,11 @@ extraction -> Gopher repetition -> Gopher quality -> C4 (no terminal-punctuation
 and dedup is off in both (FineWeb's MinHash is a separate 4-stage datatrove job). chatforge runs
 twice: with trafilatura (the same extractor as datatrove: the like-for-like ratio) and with its
 default resiliparse. Each pipeline runs in a fresh subprocess, so peak RSS is its own.
+
+Then, untimed, the filter parity: every page's text as *our* extractors produce it goes through
+datatrove's filter objects and through ours, so filter differences show apart from extraction ones
+(a table by rule), and each document the two end-to-end runs decide differently is explained.
+`--filters_only` runs just that part.
 """
 
 from __future__ import annotations
@@ -27,6 +32,12 @@ import time
 from pathlib import Path
 
 DEFAULT_INPUTS = ["web/dolma-sample-0000.warc.gz", "web/dolma-sample-0001.warc.gz", "web/python-docs.warc.gz"]
+
+
+def _rid(record_id: str) -> str:
+    """WARC-Record-ID without the angle brackets some writers keep: documents are compared by record,
+    not URL (a crawl can hold one URL twice)."""
+    return record_id.strip().strip("<>")
 
 
 def run_datatrove(in_dir: str, out_dir: str) -> dict:
@@ -52,13 +63,17 @@ def run_datatrove(in_dir: str, out_dir: str) -> dict:
     t = time.time()
     LocalPipelineExecutor(pipeline, tasks=1, workers=1, logging_dir=os.path.join(out_dir, "logs")).run()
     wall = time.time() - t
-    kept = []
+    kept, kept_ids = [], []
     for f in Path(out_dir).glob("*.jsonl"):
-        kept += [json.loads(x)["metadata"]["url"] for x in f.read_text().splitlines() if x.strip()]
+        rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        kept += [r["metadata"]["url"] for r in rows]
+        kept_ids += [_rid(r["id"]) for r in rows]
     stats = json.loads(next(Path(out_dir, "logs/stats").glob("*.json")).read_text())
     read = next((s for s in stats if "Warc" in s.get("name", "")), {})
     docs_read = read.get("stats", {}).get("documents", {}).get("total", 0) if read else 0
-    return {"wall": wall, "kept_urls": kept, "docs_read": docs_read}
+    ex = next((s for s in stats if "Trafilatura" in s.get("name", "")), {})
+    timeouts = ex.get("stats", {}).get("timeout", 0) if ex else 0
+    return {"wall": wall, "kept_urls": kept, "kept_ids": kept_ids, "docs_read": docs_read, "timeouts": timeouts}
 
 
 def run_chatforge(inputs: list[str], runs_dir: str, extractor: str) -> dict:
@@ -75,9 +90,12 @@ def run_chatforge(inputs: list[str], runs_dir: str, extractor: str) -> dict:
     import pyarrow.parquet as pq
 
     d = Path(runs_dir) / extractor / "data"
-    kept = [u for f in sorted((d / "shards").glob("*.parquet")) for u in pq.read_table(f).column("url").to_pylist()]
+    tabs = [pq.read_table(f, columns=["id", "url"]) for f in sorted((d / "shards").glob("*.parquet"))]
+    kept = [u for t in tabs for u in t.column("url").to_pylist()]
+    kept_ids = [_rid(i) for t in tabs for i in t.column("id").to_pylist()]
     stats = json.loads((d / "stats.json").read_text())
-    return {"wall": wall, "kept_urls": kept, "docs_read": stats["steps"]["extract"]["in"], "stats": stats}
+    return {"wall": wall, "kept_urls": kept, "kept_ids": kept_ids, "docs_read": stats["steps"]["extract"]["in"],
+            "stats": stats}
 
 
 def child(args) -> None:
@@ -96,6 +114,86 @@ def spawn(kind: str, inputs: list[str], in_dir: str, tmp: str) -> dict:
            "--inputs", *inputs]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads(Path(result).read_text())
+
+
+# datatrove's reason names -> ours
+_DT_REASONS = {"gopher_below_alpha_threshold": "few_alpha_words", "gopher_short_doc": "short_doc",
+               "gopher_below_avg_threshold": "short_words", "gopher_above_avg_threshold": "long_words",
+               "gopher_too_many_bullets": "too_many_bullets", "gopher_too_many_ellipsis": "too_many_ellipsis",
+               "gopher_too_many_hashes": "too_many_hashes", "gopher_enough_stop_words": "few_stop_words",
+               "gopher_too_many_end_ellipsis": "too_many_end_ellipsis", "gopher_long_doc": "long_doc"}
+
+
+def _dt_reason(reason: str) -> str:
+    reason = _DT_REASONS.get(reason, reason)
+    if reason.startswith("duplicated_"):  # duplicated_5_n_grams -> dup_5_gram
+        reason = "dup_" + reason.split("_")[1] + "_gram"
+    return reason
+
+
+def filter_parity(paths: list[str], extractor: str) -> dict:
+    """Each page's text from our `extractor` through datatrove's FineWeb filters and through ours (same
+    order, C4 rewriting the text for FineWeb in both). Returns {url: (datatrove decision, ours)},
+    decisions being 'kept' or 'step:reason'. Keyed by WARC record id; `urls` maps ids to URLs."""
+    from datatrove.data import Document
+    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
+                                            GopherRepetitionFilter)
+
+    from chatforge.data import filters as cf
+    from chatforge.data.extract import extract_text
+    from chatforge.data.warc import iter_pages
+
+    theirs = [("gopher_rep", GopherRepetitionFilter()), ("gopher_quality", GopherQualityFilter()),
+              ("c4", C4QualityFilter(filter_no_terminal_punct=False)), ("fineweb", FineWebQualityFilter())]
+    ours = [("gopher_rep", cf.GopherRepetitionFilter()), ("gopher_quality", cf.GopherQualityFilter()),
+            ("c4", cf.C4QualityFilter(filter_no_terminal_punct=False)), ("fineweb", cf.FineWebQualityFilter())]
+
+    class Doc:
+        def __init__(self, text):
+            self.text, self.url, self.meta = text, "", {}
+
+    def decide(chain, doc, rename=lambda r: r):
+        for name, f in chain:
+            res = f.filter(doc)
+            if res is not True:
+                return f"{name}:{rename(res[1])}"
+        return "kept"
+
+    out, urls = {}, {}
+    for path in paths:
+        for page in iter_pages(path):
+            if page.html is None:
+                continue
+            rid = _rid(page.id)
+            urls[rid] = page.url
+            text = extract_text(page.html, extractor, charset=page.charset)
+            if not text.strip():
+                out[rid] = ("extract:empty", "extract:empty")
+                continue
+            out[rid] = (decide(theirs, Document(text=text, id=page.id), _dt_reason), decide(ours, Doc(text)))
+    return out, urls
+
+
+def overlap_row(name: str, a: set, b: set) -> str:
+    inter = len(a & b)
+    return (f"| {name} | {len(a)} | {len(b)} | {inter} | {inter / max(1, len(a | b)):.3f} | "
+            f"{inter / max(1, len(a)):.0%} | {inter / max(1, len(b)):.0%} |")
+
+
+def print_parity(parity: dict, extractor: str) -> None:
+    from collections import Counter
+
+    dt = {u for u, (d, _) in parity.items() if d == "kept"}
+    ours = {u for u, (_, o) in parity.items() if o == "kept"}
+    diff = Counter((d, o) for d, o in parity.values() if d != o)
+    inter = len(dt & ours)
+    print(f"\nFilters on identical text ({extractor} extraction, {len(parity)} pages): datatrove keeps {len(dt)}, "
+          f"chatforge {len(ours)}, both {inter} (Jaccard {inter / max(1, len(dt | ours)):.3f}); "
+          f"decision or reason differs on {sum(diff.values())} pages")
+    if diff:
+        print("\n| datatrove's filters | chatforge's filters | pages |\n|---|---|---:|")
+        for (d, o), n in diff.most_common():
+            print(f"| {d} | {o} | {n} |")
 
 
 def extraction_agreement(paths: list[str], per_file: int = 60) -> dict:
@@ -160,11 +258,17 @@ def main() -> None:
     ap.add_argument("--result", default="")
     ap.add_argument("--inputs", nargs="*", default=DEFAULT_INPUTS)
     ap.add_argument("--skip_datatrove", action="store_true")
+    ap.add_argument("--filters_only", action="store_true", help="only the filter parity on identical text")
+    ap.add_argument("--skip_parity", action="store_true")
     args = ap.parse_args()
     if args.child:
         return child(args)
     root = Path(os.environ.get("CHATFORGE_DATA_DIR", "../shared/data"))
     inputs = [str(root / p) if not os.path.exists(p) else p for p in args.inputs]
+    if args.filters_only:
+        for ex in ("resiliparse", "trafilatura"):
+            print_parity(filter_parity(inputs, ex)[0], ex)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         in_dir = os.path.join(tmp, "in")
         os.makedirs(in_dir)
@@ -173,6 +277,11 @@ def main() -> None:
         res = {k: spawn(k, inputs, in_dir, tmp) for k in ["resiliparse", "trafilatura"]}
         if not args.skip_datatrove:
             res["datatrove"] = spawn("datatrove", inputs, in_dir, tmp)
+            from datatrove.pipeline.readers import WarcReader
+
+            # which pages datatrove's reader passes on (it drops pages whose sniffed MIME type is not HTML)
+            reader = WarcReader(in_dir, glob_pattern="*.warc.gz")
+            res["datatrove"]["read_ids"] = [_rid(d.id) for d in reader.run()]
     print(f"\n## Data pipeline vs datatrove ({time.strftime('%Y-%m-%d')})\n")
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}. Input: {', '.join(os.path.basename(p) for p in inputs)}. One worker each.\n")
@@ -183,13 +292,34 @@ def main() -> None:
         print(f"| {k if k == 'datatrove' else 'chatforge ' + k} | {r['docs_read']} | {len(r['kept_urls'])} | "
               f"{r['wall']:.1f} | {r['rate']:.1f} | {r['peak_rss_mb']:.0f} |")
     if "datatrove" in res:
-        dt = set(res["datatrove"]["kept_urls"])
+        dt = set(res["datatrove"]["kept_ids"])
+        both_read = set(res["datatrove"]["read_ids"])
+        print(f"\nDatatrove's extractor timed out on {res['datatrove'].get('timeouts', 0)} pages; its reader passed "
+              f"{len(both_read)} pages (ours {res['resiliparse']['docs_read']}).\n")
         for k in ("trafilatura", "resiliparse"):
-            ours = set(res[k]["kept_urls"])
-            inter = len(ours & dt)
-            print(f"\nchatforge {k} vs datatrove: {res[k]['rate'] / res['datatrove']['rate']:.1f}x docs/s/core; kept "
-                  f"overlap {inter} (Jaccard {inter / max(1, len(ours | dt)):.2f}; {inter / max(1, len(dt)):.0%} of "
-                  f"datatrove's kept, {inter / max(1, len(ours)):.0%} of ours)")
+            print(f"chatforge {k} vs datatrove: **{res[k]['rate'] / res['datatrove']['rate']:.1f}x docs/s/core**")
+        print("\nKept-document overlap (A, B: the sets of kept WARC records):\n")
+        print("| A vs B | kept A | kept B | both | Jaccard | of A's kept | of B's kept |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for k in ("trafilatura", "resiliparse"):
+            ours = set(res[k]["kept_ids"])
+            print(overlap_row(f"chatforge {k} vs datatrove", ours, dt))
+            print(overlap_row(f"chatforge {k} vs datatrove, pages both read", ours & both_read, dt))
+        print(overlap_row("chatforge resiliparse vs chatforge trafilatura", set(res["resiliparse"]["kept_ids"]),
+                          set(res["trafilatura"]["kept_ids"])))
+        if not args.skip_parity:
+            for k in ("trafilatura", "resiliparse"):
+                parity, urls = filter_parity(inputs, k)
+                print_parity(parity, k)
+                ours = set(res[k]["kept_ids"])
+                odd = sorted((ours ^ dt) & set(parity))
+                if k == "trafilatura" and odd:
+                    print(f"\nEnd-to-end disagreements, chatforge trafilatura vs datatrove ({len(odd)} pages):\n")
+                    print("| url | kept by | datatrove reads it | datatrove's filters on our text | ours |")
+                    print("|---|---|---|---|---|")
+                    for u in odd:
+                        who = "chatforge" if u in ours else "datatrove"
+                        print(f"| {urls[u]} | {who} | {'yes' if u in both_read else 'no'} | {parity[u][0]} | {parity[u][1]} |")
     from chatforge.stages.data import funnel_table
 
     print("\nchatforge (resiliparse) funnel:\n")

@@ -191,3 +191,24 @@ def test_ray_executor_local_instance(tmp_path, inputs):
     local = _cfg(tmp_path, inputs, run="local", workers=2, inputs=cfg.inputs)
     data_stage.run(local)
     assert _ids(tmp_path / "runs/t/data") == _ids(tmp_path / "runs/local/data")
+
+
+def test_word_counts_follow_each_step_that_rewrites_text(tmp_path):
+    """C4 drops lines and PII masking can merge words ("(415) 555-2671" -> "555-0100"): each step's
+    words_out counts the text that leaves it, and the next step's words_in equals it."""
+    from chatforge.data import pipeline
+    from chatforge.data.warc import Page
+
+    cfg = resolve_config(DataConfig, overrides={"runs_dir": str(tmp_path), "url_filter": False, "languages": [],
+                                                "lang_threshold": 0.0, "gopher_repetition": False,
+                                                "gopher_quality": False, "fineweb": False, "pii": ["phones"]})
+    runner = pipeline.TaskRunner(cfg, "")
+    prose = [f"Line {i} of the story goes on for a while here. It has two sentences." for i in range(6)]
+    text = "\n".join(prose + ["Menu", "Call us at (415) 555-2671 or +44 20 7946 0958 today, please."])
+    doc = runner.process(Page(id="x", url="https://example.org/", date="", text=text))
+    steps = runner.stats["steps"]
+    assert doc is not None and "555-0100" in doc.text and "Menu" not in doc.text
+    assert steps["extract"]["words_out"] == len(text.split())
+    assert steps["c4"]["words_out"] == len(text.split()) - 1            # the one-word line "Menu" is gone
+    assert steps["pii"]["words_in"] == steps["c4"]["words_out"]
+    assert steps["pii"]["words_out"] == len(doc.text.split()) == steps["c4"]["words_out"] - 4

@@ -160,16 +160,21 @@ def test_extract_text_pathological_nesting():
     # many void elements and unclosed <p> are not depth
     flat = b"<html><body><div>" + b"<p>line<br><img src=x>" * 5000 + b"</div></body></html>"
     assert extract_text(flat).count("line") == 5000
+    # a caller that decoded the page passes its bytes: the depth check reads those, not a re-encoding
+    with pytest.raises(TooDeep):
+        extract_text("<p>the decoded text</p>", raw=deep)
+    over_limit = "<div>" * 2500 + "<p>deep text here.</p>" + "</div>" * 2500  # past MAX_DEPTH, still quick
+    assert extract_text(over_limit, raw=b"<p>shallow</p>") == "deep text here."
 
 
 def test_decode_html_fallbacks():
     assert decode_html("Café".encode("cp1252"), "windows-1252") == ("Café", "declared")
     assert decode_html("Grüße".encode("utf-8"), None) == ("Grüße", "utf-8")
     assert decode_html("Grüße".encode("utf-8"), "no-such-charset")[0] == "Grüße"
-    text, how = decode_html(b"\x81\xfe\xff bad bytes", None)
-    assert isinstance(text, str) and how in ("detected", "replaced")
-    text, how = decode_html("é".encode("utf-8") + b"\xff", "ascii")  # declared charset is wrong
-    assert isinstance(text, str)
+    # undecodable bytes: never an exception, the readable rest survives, replacement chars mark the loss
+    assert decode_html(b"\x81\xfe\xff bad bytes", None) == ("\ufffd\ufffd\ufffd bad bytes", "replaced")
+    # a wrong declared charset falls back to UTF-8 (with replacement for the stray byte)
+    assert decode_html("é".encode("utf-8") + b"\xff", "ascii") == ("é\ufffd", "replaced")
 
 
 # ---------------------------------------------------------------------------------------------- language ID
@@ -227,8 +232,15 @@ def test_exact_and_minhash_dedup():
 
 def test_minhash_bands_rows_configurable():
     mh = MinHasher(ngram=3, bands=4, rows=2)
-    assert mh.band_keys(PROSE).shape == (4,) and mh.signature(PROSE).shape == (8,)
-    assert (mh.band_keys(PROSE) == mh.band_keys(PROSE)).all()
+    keys = mh.band_keys(PROSE)
+    assert keys.shape == (4,) and mh.signature(PROSE).shape == (8,)
+    # the same settings in another instance (another worker) give the same keys: they are comparable
+    assert (MinHasher(ngram=3, bands=4, rows=2).band_keys(PROSE) == keys).all()
+    # a one-word edit keeps most bands; an unrelated text shares none
+    assert (mh.band_keys(PROSE.replace("river", "stream")) == keys).sum() >= 2
+    assert not (mh.band_keys("Completely different words about something else, nothing shared at all.") == keys).any()
+    # other band/row counts change the shape
+    assert MinHasher(ngram=3, bands=6, rows=3).band_keys(PROSE).shape == (6,)
 
 
 def test_dedup_files_and_lines(tmp_path):

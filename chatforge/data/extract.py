@@ -107,6 +107,9 @@ def _resiliparse(html: str) -> str:
 
 
 def _trafilatura(html: str, favor_precision: bool) -> str:
+    # datatrove's Trafilatura step (FineWeb's) passes deduplicate=True, which consults a process-wide
+    # LRU of text segments: a page's text then depends on which pages the same process saw before it,
+    # i.e. on sharding. We keep it off; on the benchmark's input it changes no filter decision.
     import trafilatura
 
     return trafilatura.extract(html, favor_precision=favor_precision, include_comments=False,
@@ -120,16 +123,19 @@ def _tidy(text: str) -> str:
 
 
 def extract_text(html: bytes | str, extractor: str = "resiliparse", timeout: float = 0.0,
-                 favor_precision: bool = True, charset: str | None = None, max_depth: int = MAX_DEPTH) -> str:
+                 favor_precision: bool = True, charset: str | None = None, max_depth: int = MAX_DEPTH,
+                 raw: bytes | None = None) -> str:
     """Main-content text of an HTML page ('' when there is none). Raises TooDeep for pages nested
-    deeper than `max_depth` and ExtractionTimeout past `timeout` seconds.
+    deeper than `max_depth` and ExtractionTimeout past `timeout` seconds. A caller that decoded the
+    page itself passes the undecoded bytes as `raw`: the depth check reads them (no re-encoding).
 
     >>> extract_text(b"<html><body><nav>Home | About</nav><article><p>Hello there, reader.</p>"
     ...              b"</article></body></html>")
     'Hello there, reader.'
     """
-    if max_depth and nesting_depth(html if isinstance(html, bytes) else html.encode("utf-8", "replace"),
-                                   max_depth) > max_depth:
+    if raw is None:
+        raw = html if isinstance(html, bytes) else html.encode("utf-8", "replace")
+    if max_depth and nesting_depth(raw, max_depth) > max_depth:
         raise TooDeep(f"elements nest deeper than {max_depth}")
     if isinstance(html, bytes):
         html, _ = decode_html(html, charset)

@@ -165,10 +165,12 @@ class TaskRunner:
         st = self._enter("extract")
         try:
             if page.html is not None:
-                html, how = decode_html(page.html, page.charset)
+                raw, page.html = page.html, None  # free the bytes early: a worker holds one page at a time
+                html, how = decode_html(raw, page.charset)
                 self.stats["decode"][how] = self.stats["decode"].get(how, 0) + 1
-                page.html = None  # free the bytes early: a worker holds one page at a time
-                text = extract_text(html, cfg.extractor, cfg.extract_timeout, cfg.favor_precision)
+                # the depth check reads the raw bytes: no re-encoding of the decoded page
+                text = extract_text(html, cfg.extractor, cfg.extract_timeout, cfg.favor_precision, raw=raw)
+                del raw
             else:  # WET conversion record: already text
                 text = "\n".join(ln.strip() for ln in (page.text or "").splitlines() if ln.strip())
             reason = None if text.strip() else "empty"
@@ -193,8 +195,9 @@ class TaskRunner:
                 res = f.filter(doc)
             except Exception as e:  # noqa: BLE001
                 res = (False, f"error:{type(e).__name__}")
-            if name == "c4" and res is True:
-                doc.words = len(doc.text.split())  # C4 removes lines from kept documents
+            if res is True and doc.text is not text:  # C4 keeps only some lines: count what leaves
+                text = doc.text
+                doc.words = len(text.split())
             st["seconds"] += time.perf_counter() - t
             if res is not True:
                 self._drop(name, res[1], doc, doc.words)
@@ -208,6 +211,8 @@ class TaskRunner:
             counts = self.pii(doc)
             for k, v in counts.items():
                 self.stats["pii"][k.removeprefix("pii_")] += v
+            if any(counts.values()):  # a mask can join or split whitespace-separated words
+                doc.words = len(doc.text.split())
         st["out"] += 1
         st["words_out"] += doc.words
         st["seconds"] += time.perf_counter() - t
@@ -251,7 +256,7 @@ class TaskRunner:
             if rows["id"]:
                 writer.write_table(pa.table(rows, schema=STAGED_SCHEMA))
             writer.close()
-            os.replace(tmp, staged)
+            _fsync_replace(tmp, staged)
         except BaseException:
             writer.close()
             tmp.unlink(missing_ok=True)
@@ -278,6 +283,18 @@ class TaskRunner:
         lines = [json.dumps(x, ensure_ascii=False) for v in self.samples.values() for x in v]
         atomic_write_text(dropped, "\n".join(lines) + ("\n" if lines else ""))
         return self.stats
+
+
+def _fsync_replace(tmp: Path, path: Path) -> None:
+    """Rename a fully written file into place, its bytes on disk first (as `common.atomic_write`): a
+    crash never leaves a complete-looking name over a half-written file. (The parquet writers stream to
+    `tmp` themselves, so `atomic_write`, which wants the bytes in one call, does not fit here.)"""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def completed_task(task: dict) -> dict | None:
@@ -355,7 +372,7 @@ def dedup_and_write(staged: list[Path], shards_dir: Path, cfg, log=print) -> dic
         path = shards_dir / f"shard_{n_shard:05d}.parquet"
         tmp = shards_dir / f".{path.name}.tmp"
         pq.write_table(pa.concat_tables(tables), tmp, compression="zstd")
-        os.replace(tmp, path)
+        _fsync_replace(tmp, path)
         shards.append(path.name)
         n_shard += 1
 

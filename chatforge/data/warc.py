@@ -267,20 +267,27 @@ def parse_date(date: str) -> str:
         return ""
 
 
-def expand_inputs(patterns: list[str], root: Path) -> list[str]:
-    """Local paths/globs (relative ones looked up under `root` too), URLs and Common Crawl paths,
-    in the given order, duplicates removed. Raises FileNotFoundError naming an entry with no match."""
+def expand_inputs(patterns: list[str], setting: str | os.PathLike = "") -> list[str]:
+    """Local paths/globs (relative ones looked up in the data dir too, as `chatforge.common.data_path`
+    does; `setting` is the --data_dir setting), URLs and Common Crawl paths, in the given order,
+    duplicates removed. Raises FileNotFoundError naming an entry with no match."""
     import glob
 
+    from chatforge.common import ChatforgeError, data_dir, data_path
+
+    setting = str(setting) if setting else ""
     out: list[str] = []
     for p in patterns:
         if p.startswith(("http://", "https://", "crawl-data/")):
             out.append(p)
             continue
         if any(ch in p for ch in "*?["):
-            hits = sorted(glob.glob(p)) or sorted(glob.glob(str(root / p)))
+            hits = sorted(glob.glob(p)) or sorted(glob.glob(str(data_dir(setting) / p)))
         else:
-            hits = [p] if os.path.exists(p) else ([str(root / p)] if (root / p).exists() else [])
+            try:
+                hits = [str(data_path(p, setting))]
+            except ChatforgeError:
+                hits = []
         hits = [h for h in hits if os.path.isfile(h)]
         if not hits:
             raise FileNotFoundError(p)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from chatforge.common import (ChatforgeError, data_dir, is_complete, log0, physical_cores, read_done, stage_dir,
-                              stage_run, write_json)
+from chatforge.common import (ChatforgeError, data_dir, data_path, is_complete, log0, physical_cores, read_done,
+                              stage_dir, stage_run, write_json)
 from chatforge.config import DataConfig
 
 STATS = "stats.json"
@@ -42,10 +42,11 @@ def _resolve_blocklist(cfg: DataConfig) -> str:
                 raise ChatforgeError("--url_blocklist datatrove reads the UT1 list shipped in the datatrove "
                                      "wheel: pip install datatrove, or give a UT1 folder") from None
         return cfg.url_blocklist
-    p = Path(cfg.url_blocklist).expanduser()
-    if not p.is_dir():
-        p = data_dir(cfg.data_dir) / cfg.url_blocklist
-    if not p.is_dir():
+    try:
+        p = data_path(cfg.url_blocklist, cfg.data_dir)
+    except ChatforgeError:
+        p = None
+    if p is None or not p.is_dir():
         raise ChatforgeError(f"--url_blocklist '{cfg.url_blocklist}': no such folder (looked in the data dir "
                              f"{data_dir(cfg.data_dir)} too); give a UT1-format folder, 'datatrove', or ''")
     return str(p)
@@ -79,7 +80,7 @@ def run(cfg: DataConfig) -> dict:
 
     root = data_dir(cfg.data_dir)
     try:
-        inputs = expand_inputs(cfg.inputs, root)
+        inputs = expand_inputs(cfg.inputs, cfg.data_dir)
     except FileNotFoundError as e:
         raise ChatforgeError(f"data input '{e}' matches no file (looked in the current folder and the data dir "
                              f"{root}); fix --inputs or set --data_dir / $CHATFORGE_DATA_DIR") from None
