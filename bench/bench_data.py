@@ -174,6 +174,19 @@ def filter_parity(paths: list[str], extractor: str) -> dict:
     return out, urls
 
 
+def source_groups(paths: list[str]) -> dict[str, set]:
+    """WARC record ids per source, the file name less its shard number (dolma-sample-0001 -> dolma-sample)."""
+    import re
+
+    from chatforge.data.warc import iter_pages
+
+    groups: dict[str, set] = {}
+    for p in paths:
+        name = re.sub(r"-\d+$", "", os.path.basename(p).split(".")[0])
+        groups.setdefault(name, set()).update(_rid(page.id) for page in iter_pages(p) if page.html is not None)
+    return groups
+
+
 def overlap_row(name: str, a: set, b: set) -> str:
     inter = len(a & b)
     return (f"| {name} | {len(a)} | {len(b)} | {inter} | {inter / max(1, len(a | b)):.3f} | "
@@ -307,6 +320,11 @@ def main() -> None:
             print(overlap_row(f"chatforge {k} vs datatrove, pages both read", ours & both_read, dt))
         print(overlap_row("chatforge resiliparse vs chatforge trafilatura", set(res["resiliparse"]["kept_ids"]),
                           set(res["trafilatura"]["kept_ids"])))
+        # the same overlap per source: real Common Crawl pages (dolma-sample) vs documentation sites
+        for group, ids in source_groups(inputs).items():
+            for k in ("trafilatura", "resiliparse"):
+                print(overlap_row(f"chatforge {k} vs datatrove, {group} pages only ({len(ids)})",
+                                  set(res[k]["kept_ids"]) & ids, dt & ids))
         if not args.skip_parity:
             for k in ("trafilatura", "resiliparse"):
                 parity, urls = filter_parity(inputs, k)

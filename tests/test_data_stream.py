@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from chatforge.common import data_path
 from chatforge.data import warc
 
 WARC = "web/dolma-sample-0000.warc.gz"
 
 
 @pytest.fixture(scope="module")
-def https_server(tmp_path_factory):
+def https_server(tmp_path_factory, shared_data):
     """Serves a folder over https://localhost:PORT/ with a throwaway certificate that the test trusts
     through SSL_CERT_FILE (OpenSSL's default verify paths read it), so verification stays on."""
     if shutil.which("openssl") is None:
@@ -33,7 +32,7 @@ def https_server(tmp_path_factory):
                    check=True, capture_output=True)
     site = root / "site"
     (site / "crawl-data" / "CC-TEST" / "warc").mkdir(parents=True)
-    body = data_path(WARC).read_bytes()
+    body = (shared_data / WARC).read_bytes()
     (site / "crawl-data" / "CC-TEST" / "warc" / "a.warc.gz").write_bytes(body)
     (site / "cut.warc.gz").write_bytes(body[: len(body) // 2])  # a download that stops half-way
 
@@ -57,10 +56,10 @@ def pages(path: str, counts: Counter | None = None) -> list[tuple[str, str, int]
     return [(p.id, p.url, len(p.html or b"")) for p in warc.iter_pages(path, counts)]
 
 
-def test_https_url_streams_the_same_pages_as_the_file(https_server, monkeypatch):
+def test_https_url_streams_the_same_pages_as_the_file(https_server, monkeypatch, shared_data):
     base, cert = https_server
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
-    local = pages(str(data_path(WARC)))
+    local = pages(str(shared_data / WARC))
     assert len(local) > 10
     assert pages(base + "crawl-data/CC-TEST/warc/a.warc.gz") == local
     # a Common Crawl path is fetched from the crawl's base URL
@@ -70,12 +69,12 @@ def test_https_url_streams_the_same_pages_as_the_file(https_server, monkeypatch)
         "crawl-data/CC-TEST/warc/a.warc.gz", base + "x.warc.gz"]
 
 
-def test_https_download_cut_short_is_counted_and_skipped(https_server, monkeypatch):
+def test_https_download_cut_short_is_counted_and_skipped(https_server, monkeypatch, shared_data):
     base, cert = https_server
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
     counts: Counter = Counter()
     got = pages(base + "cut.warc.gz", counts)
-    full = pages(str(data_path(WARC)))
+    full = pages(str(shared_data / WARC))
     assert 0 < len(got) < len(full) and got == full[:len(got)]  # what arrived is intact
     assert counts["skip:truncated"] == 1
 
