@@ -133,8 +133,8 @@ def _dt_reason(reason: str) -> str:
 
 def filter_parity(paths: list[str], extractor: str) -> dict:
     """Each page's text from our `extractor` through datatrove's FineWeb filters and through ours (same
-    order, C4 rewriting the text for FineWeb in both). Returns {url: (datatrove decision, ours)},
-    decisions being 'kept' or 'step:reason'. Keyed by WARC record id; `urls` maps ids to URLs."""
+    order, C4 rewriting the text for FineWeb in both). Returns (decisions, urls): decisions maps each WARC
+    record id to (datatrove decision, ours), a decision being 'kept' or 'step:reason'; urls maps ids to URLs."""
     from datatrove.data import Document
     from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
                                             GopherRepetitionFilter)

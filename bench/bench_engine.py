@@ -81,20 +81,20 @@ def replies_of_different_lengths(B, greedy, ours, theirs, hf, args, t_ours_1, t_
     for row in greedy:
         cut = next((i for i, t in enumerate(row) if t in stops), len(row) - 1)
         lengths.append(cut + 1)
-    hf.generation_config.eos_token_id = stops
+    before, hf.generation_config.eos_token_id = hf.generation_config.eos_token_id, stops
     try:
         with torch.inference_mode():
             a = [c.tokens for c in ours(args.new, stops)()]
             b = theirs(args.new, stops)()[:, args.prompt:].tolist()
             same = all(x == y[:len(x)] for x, y in zip(a, b)) and [len(x) for x in a] == lengths
             if not same:
-                raise SystemExit(f"replies of different lengths: chatforge and transformers disagree (a bug on one side)")
+                raise SystemExit("replies of different lengths: chatforge and transformers disagree (a bug on one side)")
             t_ours = t_hf = float("inf")
             for _ in range(args.trials):
                 t_ours = min(t_ours, best(ours(args.new, stops), 1)[0])
                 t_hf = min(t_hf, best(theirs(args.new, stops), 1)[0])
     finally:
-        hf.generation_config.eos_token_id = None
+        hf.generation_config.eos_token_id = before
     print(f"batch {B}, replies of different lengths {lengths}: identical", flush=True)
     return B, lengths, sum(lengths) - B, t_ours - t_ours_1, t_hf - t_hf_1
 

@@ -174,7 +174,7 @@ def build_token_shards(out_dir: str | os.PathLike, tok, corpus: list[str | Path]
     for w in writers.values():
         w.flush()
     if writers["train"].tokens == 0:
-        raise ChatforgeError(f"the pretraining corpus {corpus} produced no documents; check the files "
+        raise ChatforgeError(f"the pretraining corpus {[str(f) for f in corpus]} produced no documents; check the files "
                              f"(empty, or no 'text' field / column)")
     if writers["val"].tokens == 0:
         raise ChatforgeError(

@@ -20,6 +20,7 @@ import glob
 import gzip
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -132,13 +133,14 @@ def expand_corpus(paths: Iterable[str | Path], data_dir_setting: str = "", run: 
 
 
 def _open_text(path: Path):
+    # universal newlines: a CRLF file reads as LF, so its blank lines separate documents too
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="strict", newline="")
-    return open(path, "r", encoding="utf-8", errors="strict", newline="")
+        return gzip.open(path, "rt", encoding="utf-8", errors="strict")
+    return open(path, "r", encoding="utf-8", errors="strict")
 
 
 def record_text(rec: Any) -> str:
-    """The text of a JSON record: its 'text' field; else every nested 'text' field joined by blank
+    """The text of a JSON record: its 'text' (else 'content') field; else every nested 'text' field joined by blank
     lines (OASST message trees); else its string values and lists of strings joined by newlines
     (GSM8K question+answer, MT-bench turns, HumanEval prompt+solution).
 
@@ -149,8 +151,9 @@ def record_text(rec: Any) -> str:
         return rec
     if not isinstance(rec, dict):
         return ""
-    if isinstance(rec.get("text"), str):
-        return rec["text"]
+    for key in ("text", "content"):
+        if isinstance(rec.get(key), str):
+            return rec[key]
     nested: list[str] = []
 
     def walk(x: Any) -> None:
@@ -176,15 +179,19 @@ def record_text(rec: Any) -> str:
     return "\n".join(parts)
 
 
+_BLANK_LINE = re.compile(r"\n\s*\n")
+
+
 def _split_plain(text: str, doc_chars: int) -> Iterator[str]:
     """Plain text has no document boundaries: blank-line separated blocks are documents, and a file
     with no blank line at all is one document per line (e.g. one article per line). A block longer
     than doc_chars (0 = no limit) is cut on line boundaries so nothing is thrown away.
 
-    >>> list(_split_plain("a\\nb\\n\\nc\\n", 100)), list(_split_plain("a\\nb\\n", 100))
+    >>> list(_split_plain("a\\nb\\n\\nc\\n", 100)), list(_split_plain("a\\nb\\n\\n", 100))
     (['a\\nb', 'c\\n'], ['a', 'b'])
     """
-    blocks = text.split("\n\n") if "\n\n" in text else text.split("\n")
+    # a blank line (spaces allowed) inside the text, not just a trailing one, makes it paragraph-separated
+    blocks = _BLANK_LINE.split(text) if _BLANK_LINE.search(text.strip()) else text.split("\n")
     for block in blocks:
         if not block.strip():
             continue
@@ -215,7 +222,7 @@ def _iter_file(path: Path, doc_chars: int, stats: CorpusStats, fields: tuple[str
     name = path.name.removesuffix(".gz")
 
     def doc(n: int, text: Any, rec: Any) -> Document | None:
-        if not text or not isinstance(text, str):
+        if not isinstance(text, str) or not text.strip():
             stats.bad_records += 1  # a long job skips and counts a bad record
             return None
         meta = {k: rec[k] for k in fields if isinstance(rec.get(k), str) and rec[k]} if isinstance(rec, dict) else {}

@@ -165,6 +165,11 @@ def test_extract_text_pathological_nesting():
         extract_text("<p>the decoded text</p>", raw=deep)
     over_limit = "<div>" * 2500 + "<p>deep text here.</p>" + "</div>" * 2500  # past MAX_DEPTH, still quick
     assert extract_text(over_limit, raw=b"<p>shallow</p>") == "deep text here."
+    # UTF-16 bytes hide every '<' behind a NUL, so the check falls back to the decoded page
+    with pytest.raises(TooDeep):
+        extract_text(over_limit, raw=over_limit.encode("utf-16"))
+    with pytest.raises(TooDeep):
+        extract_text(over_limit.encode("utf-16"))
 
 
 def test_decode_html_fallbacks():

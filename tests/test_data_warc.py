@@ -130,3 +130,22 @@ def test_streaming_memory_stays_low(tmp_path):
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)")
     grew_kb = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert grew_kb < 40 * 1024, grew_kb  # well under the 50 MB page
+
+
+def test_expand_inputs_literal_names_globs_and_urls(tmp_path, shared_data):
+    """An existing file whose name holds glob characters is that file (as a glob, `a[1]` would match
+    `a1`); globs expand in order; URLs and crawl paths pass through; a missing entry is named."""
+    import shutil
+
+    from chatforge.data.warc import expand_inputs
+
+    src = shared_data / "web/whirlwind.warc.gz"
+    for name in ("a[1].warc.gz", "a1.warc.gz", "b.warc.gz"):
+        shutil.copy(src, tmp_path / name)
+    assert expand_inputs([str(tmp_path / "a[1].warc.gz")]) == [str(tmp_path / "a[1].warc.gz")]
+    assert expand_inputs([str(tmp_path / "b*.gz"), "https://x.org/c.warc.gz", "crawl-data/CC/x.warc.gz",
+                          str(tmp_path / "b.warc.gz")]) == [
+        str(tmp_path / "b.warc.gz"), "https://x.org/c.warc.gz", "crawl-data/CC/x.warc.gz"]  # duplicates removed
+    assert expand_inputs(["web/whirlwind.warc.gz"], str(shared_data)) == [str(src)]  # the data dir
+    with pytest.raises(FileNotFoundError, match="nope"):
+        expand_inputs([str(tmp_path / "nope*.warc.gz")])

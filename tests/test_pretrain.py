@@ -382,8 +382,15 @@ def test_resume_reproduces_uninterrupted_losses(runs):
         time.sleep(0.01)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
-    stopped = json.loads((root / "s" / "pretrain" / "checkpoint" / "state.json").read_text())["step"]
+    state_file = root / "s" / "pretrain" / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    stopped = state["step"]
     assert 5 <= stopped < n and "rerun the same command to resume" in out
+    # a checkpoint whose data position belongs to other token shards is refused, not silently resumed
+    state_file.write_text(json.dumps({**state, "token_index": "shards-of-another-corpus"}))
+    other = subprocess.run(_cmd(root, "s", "--num_iterations", n), env=_env(), capture_output=True, text=True)
+    assert other.returncode != 0 and "other token shards" in other.stderr and "--force" in other.stderr
+    state_file.write_text(json.dumps(state))
     again = subprocess.run(_cmd(root, "s", "--num_iterations", n), env=_env(), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed from" in again.stdout and f"at step {stopped}" in again.stdout

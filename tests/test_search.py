@@ -75,6 +75,29 @@ def test_reads_the_documents_the_tokenizer_reads(tmp_path, shard):
     assert SqliteSearch(tmp_path / "idx.sqlite").search("Rayleigh")[0].url == "list.json#0"
 
 
+def test_document_boundaries_and_record_fields(tmp_path):
+    """What one document is, written out by hand: blank lines (CRLF files too) separate paragraphs; a file
+    without blank lines (a trailing one does not count) is one document per line; a record's 'content' is
+    its text, not its url/title; whitespace-only records are bad records, not empty documents."""
+    from chatforge.tokenizer import CorpusStats, iter_documents
+
+    (tmp_path / "book.txt").write_bytes(b"Para one, line 1\r\nline 2\r\n\r\nPara two.\r\n")
+    (tmp_path / "lines.txt").write_text("Article one.\nArticle two.\nArticle three.\n\n")
+    (tmp_path / "recs.jsonl").write_text(
+        json.dumps({"content": "Kettles boil water.", "url": "https://ex.org/k", "title": "Kettles"}) + "\n"
+        + json.dumps({"text": "   "}) + "\n")
+    stats = CorpusStats()
+    docs = list(iter_documents([tmp_path / "book.txt", tmp_path / "lines.txt", tmp_path / "recs.jsonl"],
+                               stats=stats))
+    assert docs == ["Para one, line 1\nline 2", "Para two.\n", "Article one.", "Article two.", "Article three.",
+                    "Kettles boil water."]
+    assert stats.bad_records == 1
+    summary = build_index([tmp_path / "recs.jsonl"], tmp_path / "idx.sqlite")
+    assert summary["documents"] == 1
+    [hit] = SqliteSearch(tmp_path / "idx.sqlite").search("kettles")
+    assert (hit.url, hit.title) == ("https://ex.org/k", "Kettles") and "ex.org" not in hit.snippet
+
+
 def test_file_name_with_glob_characters(tmp_path, shard):
     """`[` in a file name: the inputs are expanded once, so the file is indexed, not read as a glob
     (`a[1].txt` as a glob would match `a1.txt`)."""

@@ -133,12 +133,13 @@ def extract_text(html: bytes | str, extractor: str = "resiliparse", timeout: flo
     ...              b"</article></body></html>")
     'Hello there, reader.'
     """
-    if raw is None:
-        raw = html if isinstance(html, bytes) else html.encode("utf-8", "replace")
+    if isinstance(html, bytes):
+        raw = html if raw is None else raw
+        html, _ = decode_html(html, charset)
+    if raw is None or b"\x00" in raw[:4096]:  # UTF-16/32 bytes hide each '<' behind a NUL: re-encode
+        raw = html.encode("utf-8", "replace")
     if max_depth and nesting_depth(raw, max_depth) > max_depth:
         raise TooDeep(f"elements nest deeper than {max_depth}")
-    if isinstance(html, bytes):
-        html, _ = decode_html(html, charset)
     if extractor not in EXTRACTORS:
         raise ValueError(f"unknown extractor {extractor!r}; choose {' or '.join(EXTRACTORS)}")
     with time_limit(timeout):

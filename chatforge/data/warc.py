@@ -281,13 +281,12 @@ def expand_inputs(patterns: list[str], setting: str | os.PathLike = "") -> list[
         if p.startswith(("http://", "https://", "crawl-data/")):
             out.append(p)
             continue
-        if any(ch in p for ch in "*?["):
+        try:  # an existing file is that file, even when its name holds glob characters ("a[1].warc.gz")
+            hits = [str(data_path(p, setting))]
+        except ChatforgeError:
+            hits = []
+        if not hits and any(ch in p for ch in "*?["):
             hits = sorted(glob.glob(p)) or sorted(glob.glob(str(data_dir(setting) / p)))
-        else:
-            try:
-                hits = [str(data_path(p, setting))]
-            except ChatforgeError:
-                hits = []
         hits = [h for h in hits if os.path.isfile(h)]
         if not hits:
             raise FileNotFoundError(p)

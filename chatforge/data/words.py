@@ -223,13 +223,13 @@ def split_words(text: str) -> list[str]:
     cache = _CACHE
     toks = list(map(cache.get, chunks))
     if None in toks:
-        if len(cache) > _CACHE_MAX:
-            cache.clear()
         for i, t in enumerate(toks):
             if t is None:
                 w = chunks[i]
                 t = cache.get(w)
                 toks[i] = t if t is not None else cache.setdefault(w, tokenize_chunk(w))
+        if len(cache) > _CACHE_MAX:  # after the text, so one huge text cannot grow it without bound twice
+            cache.clear()
     return list(chain.from_iterable(toks))
 
 

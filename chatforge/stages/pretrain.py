@@ -646,6 +646,10 @@ def _train(cfg, d, device, device_name, tok, tok_dir, plan, corpus, ckpt, resume
             raise ChatforgeError(f"checkpoint {ckpt} was trained with --total_batch_size "
                                  f"{train_state['total_batch_size']}, this run asks for {plan.total_batch_size}; "
                                  f"keep it to resume")
+        if train_state.get("token_index", index["fingerprint"]) != index["fingerprint"]:
+            raise ChatforgeError(f"checkpoint {ckpt} was trained on other token shards than {tokens_dir} holds now "
+                                 f"(the corpus, the tokenizer or the split changed), so its data position means "
+                                 f"nothing there; pass --force to start over")
         set_optimizer_state_dict(raw, optimizers, state, options=StateDictOptions(full_state_dict=True))
         loader.load_state_dict(train_state["loader"])
         set_rng_state(train_state["rng"], device)
@@ -673,7 +677,8 @@ def _train(cfg, d, device, device_name, tok, tok_dir, plan, corpus, ckpt, resume
             t0 = time.time()
             weights = _FullWeights(plan.model_config, model_sd) if model_sd is not None else raw
             save_checkpoint(ckpt, weights, tokenizer_dir=tok_dir, optimizer_state=opt_sd, train_state={
-                "step": at_step, "loader": loader.state_dict(), "rng": rng_state(device),
+                "step": at_step, "loader": loader.state_dict(), "token_index": index["fingerprint"],
+                "rng": rng_state(device),
                 "smooth_loss": smooth, "tokens_seen": tokens_seen, "train_time": train_time,
                 "val_bpb": last_bpb, "total_batch_size": plan.total_batch_size, "world_size": d.world,
                 "num_iterations": plan.num_iterations, "min_val_bpb": min_bpb,
