@@ -194,8 +194,8 @@ def inspect(run_path: str, k: int = 3, seed: int = 0, chars: int = 300) -> str:
     if fe:
         lines.append("\nfile errors: " + ", ".join(f"{k} {v}" for k, v in fe.items()))
     pii = stats.get("pii", {})
-    lines.append(f"\nPII masked: {pii.get('emails', 0)} e-mails, {pii.get('ips', 0)} IPs, "
-                 f"{pii.get('phones', 0)} phone numbers")
+    lines.append(f"\nPII masked (e-mails / IP addresses / phone numbers): {pii.get('emails', 0)} / "
+                 f"{pii.get('ips', 0)} / {pii.get('phones', 0)}")
     rng = random.Random(seed)
     short = lambda t: " ".join((t or "").split())[:chars]  # noqa: E731
     lines.append(f"\n== {k} random kept documents ==")
