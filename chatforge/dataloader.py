@@ -42,7 +42,7 @@ from chatforge.common import ChatforgeError, atomic_write, atomic_write_text
 INDEX = "index.json"
 SHARD_TOKENS = 1 << 26  # 64 Mi tokens (128 MiB as uint16) per shard file
 COUNTS = "train_counts.npy"  # how often each token id occurs in the train split (unigram baseline)
-INDEX_VERSION = 2  # 2: train_counts.npy; plain text without blank lines is one document per line
+INDEX_VERSION = 3  # 2: train_counts.npy, one document per line without blank lines; 3: CRLF and spaced blank lines
 
 
 def val_period(val_fraction: float) -> int:
@@ -87,7 +87,8 @@ class _ShardWriter:
         self.n_buf = 0
         self.shards: list[dict] = []
         self.tokens = self.documents = 0
-        self.counts = np.zeros(vocab_size, dtype=np.int64)  # occurrences of each token id
+        # occurrences of each token id (the train split's feed the unigram baseline; val's stay unused)
+        self.counts = np.zeros(vocab_size, dtype=np.int64) if split == "train" else None
 
     def add(self, ids: list[int]) -> None:
         arr = np.asarray(ids, dtype=self.dtype)
@@ -104,7 +105,8 @@ class _ShardWriter:
         data = np.concatenate(self.buf)
         name = f"{self.split}_{len(self.shards):05d}.npy"
         _save_npy(self.out_dir / name, data)
-        self.counts += np.bincount(data, minlength=self.counts.size)
+        if self.counts is not None:
+            self.counts += np.bincount(data, minlength=self.counts.size)
         self.shards.append({"file": name, "tokens": int(data.size)})
         self.buf, self.n_buf = [], 0
 

@@ -44,13 +44,12 @@ class ReplyPrinter:
         from chatforge.engine import StreamDecoder
 
         self.tok, self.out, self.color = engine.tok, out, color
-        self.make_decoder = lambda: StreamDecoder(self.tok)
         # the engine's own tables of the protocol's control tokens
         self.starts = engine.tool_start  # id -> tool name
         self.ends = set(engine.tool_end.values())
         self.out_start, self.out_end = engine.output_start, engine.output_end
         self.silent = set(engine.default_stop)  # <|assistant_end|>, <|bos|>
-        self.dec = self.make_decoder()
+        self.dec = StreamDecoder(self.tok)  # flush() resets it, so one serves every section
         self.section = "text"
 
     def _w(self, s: str) -> None:
@@ -62,7 +61,6 @@ class ReplyPrinter:
 
     def _switch(self, section: str, header: str = "") -> None:
         self._w(self.dec.flush())
-        self.dec = self.make_decoder()
         if self.section != "text":
             self._w(self._style("reset") + "\n")
         self.section = section
