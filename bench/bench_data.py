@@ -116,21 +116,6 @@ def spawn(kind: str, inputs: list[str], in_dir: str, tmp: str) -> dict:
     return json.loads(Path(result).read_text())
 
 
-# datatrove's reason names -> ours
-_DT_REASONS = {"gopher_below_alpha_threshold": "few_alpha_words", "gopher_short_doc": "short_doc",
-               "gopher_below_avg_threshold": "short_words", "gopher_above_avg_threshold": "long_words",
-               "gopher_too_many_bullets": "too_many_bullets", "gopher_too_many_ellipsis": "too_many_ellipsis",
-               "gopher_too_many_hashes": "too_many_hashes", "gopher_enough_stop_words": "few_stop_words",
-               "gopher_too_many_end_ellipsis": "too_many_end_ellipsis", "gopher_long_doc": "long_doc"}
-
-
-def _dt_reason(reason: str) -> str:
-    reason = _DT_REASONS.get(reason, reason)
-    if reason.startswith("duplicated_"):  # duplicated_5_n_grams -> dup_5_gram
-        reason = "dup_" + reason.split("_")[1] + "_gram"
-    return reason
-
-
 def filter_parity(paths: list[str], extractor: str) -> dict:
     """Each page's text from our `extractor` through datatrove's FineWeb filters and through ours (same
     order, C4 rewriting the text for FineWeb in both). Returns (decisions, urls): decisions maps each WARC
@@ -170,7 +155,7 @@ def filter_parity(paths: list[str], extractor: str) -> dict:
             if not text.strip():
                 out[rid] = ("extract:empty", "extract:empty")
                 continue
-            out[rid] = (decide(theirs, Document(text=text, id=page.id), _dt_reason), decide(ours, Doc(text)))
+            out[rid] = (decide(theirs, Document(text=text, id=page.id), cf.reason_from_datatrove), decide(ours, Doc(text)))
     return out, urls
 
 

@@ -14,7 +14,7 @@ from itertools import islice
 import pytest
 
 from chatforge.data.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
-                                    GopherRepetitionFilter)
+                                    GopherRepetitionFilter, reason_from_datatrove)
 from chatforge.data.words import count_sentences, is_symbol, split_words, tokenize_chunk
 
 
@@ -148,22 +148,13 @@ def test_filters_match_datatrove_live(shared_data):
     from chatforge.data.extract import extract_text
     from chatforge.data.warc import iter_pages
 
-    names = {"gopher_below_alpha_threshold": "few_alpha_words", "gopher_short_doc": "short_doc",
-             "gopher_below_avg_threshold": "short_words", "gopher_above_avg_threshold": "long_words",
-             "gopher_too_many_bullets": "too_many_bullets", "gopher_too_many_ellipsis": "too_many_ellipsis",
-             "gopher_too_many_hashes": "too_many_hashes", "gopher_enough_stop_words": "few_stop_words",
-             "gopher_too_many_end_ellipsis": "too_many_end_ellipsis", "gopher_long_doc": "long_doc"}
-
     def reference(text: str) -> str:
         doc = Document(text=text, id="x")
         for name, f in [("gopher_rep", DGR()), ("gopher_quality", DGQ()),
                         ("c4", DC4(filter_no_terminal_punct=False)), ("fineweb", DFW())]:
             res = f.filter(doc)
             if res is not True:
-                reason = names.get(res[1], res[1])
-                if reason.startswith("duplicated_"):
-                    reason = "dup_" + reason.split("_")[1] + "_gram"
-                return f"{name}:{reason}"
+                return f"{name}:{reason_from_datatrove(res[1])}"
         return "kept"
 
     texts = []

@@ -498,3 +498,25 @@ class FineWebQualityFilter:
         if text.count("\n") / max(1, len(_words(text))) > self.new_line_ratio:
             return False, "list_ratio"
         return True
+
+
+# datatrove's drop-reason names for the same rules (FineWeb's reference pipeline), for comparisons with it
+# (bench/bench_data.py, tests/test_data_words.py). Reasons not listed have the same name in both.
+_DATATROVE_REASONS = {
+    "gopher_below_alpha_threshold": "few_alpha_words", "gopher_short_doc": "short_doc",
+    "gopher_below_avg_threshold": "short_words", "gopher_above_avg_threshold": "long_words",
+    "gopher_too_many_bullets": "too_many_bullets", "gopher_too_many_ellipsis": "too_many_ellipsis",
+    "gopher_too_many_hashes": "too_many_hashes", "gopher_enough_stop_words": "few_stop_words",
+    "gopher_too_many_end_ellipsis": "too_many_end_ellipsis", "gopher_long_doc": "long_doc"}
+
+
+def reason_from_datatrove(reason: str) -> str:
+    """Our name for a datatrove drop reason.
+
+    >>> reason_from_datatrove("gopher_below_alpha_threshold"), reason_from_datatrove("duplicated_5_n_grams")
+    ('few_alpha_words', 'dup_5_gram')
+    """
+    reason = _DATATROVE_REASONS.get(reason, reason)
+    if reason.startswith("duplicated_"):  # duplicated_5_n_grams -> dup_5_gram
+        reason = "dup_" + reason.split("_")[1] + "_gram"
+    return reason
