@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import threading
 import time
 
@@ -157,3 +158,215 @@ def test_registry_and_custom_tools():
         register_tool(Tool("bad name!", "x", str))
     r = dispatch("python", "x", {"python": Tool("python", "x", lambda s: 42)})
     assert r.output == "42" and not r.error  # non-string results are repr'd
+
+
+# ----------------------------------------------------------------------------------------------
+# Red team (issue #10 §1). Every attack first tries to switch off any in-process guard, and runs
+# both that way and with the guard off from the start, so only the operating-system isolation is
+# tested. Each is judged by its effect on the host, never by the message the sandbox prints. The
+# attacks run inside a separate "victim" process (a stand-in for the engine or chat process) started
+# with a secret in its environment, so that killing or reading the parent hits the victim, not pytest.
+
+import json
+import signal
+import subprocess
+import sys
+import sysconfig
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+DISARM = """
+import gc, sys
+try:
+    sys.modules['__main__'].armed[0] = False  # the one-liner from issue #10
+except Exception:
+    pass
+for _o in gc.get_objects():  # any other guard: clear every flag list / closure cell that says "armed"
+    try:
+        if isinstance(_o, list) and _o == [True]:
+            _o[0] = False
+        elif callable(_o) and getattr(_o, '__closure__', None):
+            for _c in _o.__closure__:
+                if _c.cell_contents is True:
+                    _c.cell_contents = False
+    except Exception:
+        pass
+"""
+
+VICTIM = r"""
+import json, os, sys
+from chatforge.tools.python_sandbox import SandboxLimits, run_python
+out = []
+for code, hook in json.loads(sys.stdin.read()):
+    r = run_python(code, SandboxLimits(audit_hook=hook, timeout_s=10, cpu_s=10))
+    out.append(r.text())
+print(json.dumps(out))
+print("HOST-ALIVE")
+"""
+
+SECRET = f"chatforge-secret-{uuid.uuid4().hex}"
+
+
+def _attack(code: str, env: dict | None = None) -> list[str]:
+    """Run `code` (with and without the guard, after trying to disarm it) from a victim process; the
+    victim must outlive every attack. Returns the two texts the model would have seen."""
+    codes = [[DISARM + code, True], [DISARM + code, False]]
+    p = subprocess.run([sys.executable, "-c", VICTIM], input=json.dumps(codes), capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(REPO), "CHATFORGE_VICTIM_SECRET": SECRET,
+                                         **(env or {})})
+    assert p.returncode == 0 and p.stdout.endswith("HOST-ALIVE\n"), (
+        f"the host process died (rc {p.returncode}): {p.stdout[-500:]} {p.stderr[-2000:]}")
+    return json.loads(p.stdout.splitlines()[-2])
+
+
+@pytest.fixture
+def host_targets(tmp_path):
+    """Files an attacker would like to create on the host: in a host temp folder and in the
+    interpreter's own site-packages (a .pth there would run code in every later Python)."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    targets = [tmp_path / "escaped.txt", site / f"chatforge-redteam-{uuid.uuid4().hex}.txt"]
+    yield targets
+    for t in targets:
+        t.unlink(missing_ok=True)
+
+
+def test_redteam_writes_outside_scratch(host_targets):
+    for t in host_targets:
+        _attack(f"open({str(t)!r}, 'w').write('pwned')")
+        assert not t.exists(), f"the sandbox wrote {t} on the host"
+
+
+def test_redteam_shells_subprocesses_and_ctypes(host_targets):
+    for t in host_targets:
+        for code in (f"import os; os.system('echo pwned > {t}')",
+                     f"import subprocess; subprocess.run(['sh', '-c', 'echo pwned > {t}'])",
+                     f"import ctypes; ctypes.CDLL(None).system(b'echo pwned > {t}')",
+                     f"import os\nif os.fork() == 0:\n    os.execv('/bin/sh', ['sh', '-c', 'echo pwned > {t}'])\n"
+                     f"os.wait()"):
+            _attack(code)
+            assert not t.exists(), f"{code!r} wrote {t} on the host"
+
+
+def test_redteam_signals_cannot_reach_the_host():
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        for code in ("import os; os.kill(os.getppid(), 9)", "import os; os.killpg(os.getpgid(os.getppid()), 9)",
+                     f"import os, signal; os.kill({sleeper.pid}, signal.SIGKILL)",
+                     f"import ctypes; ctypes.CDLL(None).kill({sleeper.pid}, 9)"):
+            _attack(code)  # asserts the victim (the tool's parent) survived
+            assert sleeper.poll() is None, f"{code!r} killed a host process"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def _host_procs_with(token: str) -> list[int]:
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if token.encode() in (d / "cmdline").read_bytes():
+                    found.append(int(d.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_redteam_survivor_escaping_session_and_cgroup():
+    token = f"chatforge-survivor-{uuid.uuid4().hex}"
+    code = ("import os, sys, time\n"
+            "if os.fork() == 0:\n"
+            "    os.setsid()\n"
+            "    if os.fork() == 0:\n"
+            "        for p in ('/sys/fs/cgroup/pids/cgroup.procs', '/sys/fs/cgroup/cgroup.procs',\n"
+            "                  '/sys/fs/cgroup/unified/cgroup.procs', '/sys/fs/cgroup/systemd/cgroup.procs'):\n"
+            "            try:\n"
+            "                open(p, 'w').write(str(os.getpid()))\n"
+            "            except OSError:\n"
+            "                pass\n"
+            f"        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', {token!r}])\n"
+            "    os._exit(0)\n"
+            "time.sleep(1)\n"
+            "print('parent done')")
+    try:
+        _attack(code)
+        time.sleep(0.5)
+        assert not _host_procs_with(token), "a process forked by the sandbox outlived the call"
+    finally:
+        for pid in _host_procs_with(token):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_redteam_reads_host_secrets(shared_data, tmp_path):
+    home_secret = Path.home() / f".chatforge-redteam-{uuid.uuid4().hex}"
+    home_secret.write_text(SECRET + "-home")
+    data_file = next(p for p in sorted(shared_data.rglob("*")) if p.is_file() and p.stat().st_size > 40)
+    data_head = data_file.read_bytes()[:40].decode("utf-8", "replace")
+    repo_line = "REPO = Path(__file__).resolve().parents[1]"
+    files = [str(home_secret), str(data_file), "/etc/shadow", str(Path(__file__).resolve())]
+    shadow = Path("/etc/shadow").read_text().splitlines()[0] if os.access("/etc/shadow", os.R_OK) else None
+    code = ("import os\n"
+            f"for f in {files!r} + [f'/proc/{{os.getppid()}}/environ', '/proc/1/environ']:\n"
+            "    try:\n"
+            "        print(open(f, 'rb').read()[:4000])\n"
+            "    except OSError as e:\n"
+            "        print('no:', e)\n"
+            "print(os.environ)")
+    try:
+        for text in _attack(code):
+            assert SECRET not in text, "the sandbox read a secret of the host (a file under ~ or a parent's environ)"
+            assert data_head not in text, "the sandbox read the data folder"
+            assert repo_line not in text, "the sandbox read the repository"
+            assert shadow is None or shadow not in text, "the sandbox read /etc/shadow"
+    finally:
+        home_secret.unlink()
+
+
+def test_redteam_network_to_host():
+    srv, port, hits, th = _listener()
+    try:
+        _attack(f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2); print('connected')")
+    finally:
+        srv.close()
+        th.join()
+    assert not hits, "the sandbox connected to a port on the host"
+
+
+def _leftovers(pid: int) -> set[str]:
+    """Scratch folders and cgroups that process `pid` created (their names carry the owner's pid;
+    other engineers' live runs on a shared machine are not ours to count)."""
+    found = {str(p) for p in Path(tempfile.gettempdir()).glob(f"chatforge-py-{pid}-*")}
+    for root in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
+        if root.is_dir():
+            found |= {str(p) for p in root.rglob(f"chatforge-sandbox-{pid}-*")}
+    return found
+
+
+def test_redteam_host_crash_leaves_nothing_behind():
+    """The engine is killed mid-call: the sandbox dies with it, and the next call cleans up the
+    scratch folders and cgroups the dead process left."""
+    token = f"chatforge-orphan-{uuid.uuid4().hex}"
+    code = f"import os, sys\nos.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', {token!r}])"
+    victim = subprocess.Popen([sys.executable, "-c", VICTIM], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        victim.stdin.write(json.dumps([[code, False]]))
+        victim.stdin.close()
+        deadline = time.monotonic() + 20
+        while not _host_procs_with(token) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _host_procs_with(token), "the sandboxed code never started"
+        made = _leftovers(victim.pid)
+        victim.kill()
+        victim.wait()
+        deadline = time.monotonic() + 5
+        while _host_procs_with(token) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _host_procs_with(token), "the sandboxed code outlived the process that ran it"
+        assert "ok" in run_python("print('ok')").stdout
+        assert not _leftovers(victim.pid), f"left behind: {_leftovers(victim.pid)} (made: {made})"
+    finally:
+        for pid in _host_procs_with(token):
+            os.kill(pid, signal.SIGKILL)
