@@ -3,16 +3,26 @@ must end with a clear message while this (host) process carries on."""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import sysconfig
 import tempfile
 import threading
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 
 from chatforge.tools import Tool, dispatch, get_tool, list_tools, parse_call, register_tool, unregister_tool
-from chatforge.tools.python_sandbox import SandboxLimits, protections, run_python
+from chatforge.tools import python_sandbox
+from chatforge.tools.python_sandbox import (_STALE_AFTER_S, UNSAFE_ENV, SandboxLimits, SandboxUnavailable, cleanup_leftovers,
+                                            protections, python_tool, run_python)
 
 HARD = SandboxLimits(audit_hook=False)  # the kernel layers alone
 
@@ -29,16 +39,18 @@ def test_stdout_last_expression_and_errors():
 
 
 def test_private_folder_and_scrubbed_env():
+    name = f"chatforge-scratch-{uuid.uuid4().hex}.txt"
     os.environ["CHATFORGE_TEST_SECRET"] = "hunter2"
     try:
-        r = run_python("import os\nopen('f.txt','w').write('ok')\nprint(open('f.txt').read(), os.getcwd())\n"
+        r = run_python(f"import os\nopen({name!r},'w').write('ok')\nprint(open({name!r}).read(), os.getcwd())\n"
                        "sorted(os.environ)")
     finally:
         del os.environ["CHATFORGE_TEST_SECRET"]
-    assert r.stdout.startswith("ok /tmp/chatforge-py-") or "chatforge-py-" in r.stdout
+    assert r.stdout.startswith("ok /tmp\n"), r.text()  # its own writable /tmp, also its cwd
     assert "CHATFORGE_TEST_SECRET" not in r.stdout and "hunter2" not in r.stdout
-    cwd = r.stdout.split()[1]
-    assert not os.path.exists(cwd)  # deleted after the run
+    assert not (Path(tempfile.gettempdir()) / name).exists()  # not the host's /tmp
+    r = run_python(f"import os; os.path.exists({name!r})")
+    assert r.stdout == "False\n"  # nothing persists between calls
 
 
 def test_os_system_and_subprocess_refused():
@@ -48,14 +60,17 @@ def test_os_system_and_subprocess_refused():
         assert "PermissionError: sandbox:" in r.text() and "pwned" not in r.stdout
 
 
-def test_write_outside_folder_refused(tmp_path):
-    target = tmp_path / "escaped.txt"
-    for code in (f"open({str(target)!r}, 'w').write('x')", f"import os; os.remove({str(tmp_path)!r})",
-                 f"import pathlib; pathlib.Path({str(target)!r}).write_text('x')",
-                 "open('../escaped.txt', 'w').write('x')"):
-        r = run_python(code)
-        assert "writing outside the working folder" in r.text() or "outside the working folder" in r.text(), r.text()
-    assert not target.exists() and tmp_path.exists()
+def test_write_outside_folder_refused():
+    """Writes outside the scratch /tmp: the courtesy hook names the rule; without it the kernel says
+    read-only (the host-side effects are checked by the red-team tests below)."""
+    site = sysconfig.get_paths()["purelib"]  # visible inside, read-only
+    target = os.path.join(site, f"chatforge-{uuid.uuid4().hex}.txt")
+    codes = (f"open({target!r}, 'w').write('x')", f"import os; os.remove({site + '/numpy/__init__.py'!r})",
+             f"import pathlib; pathlib.Path({target!r}).write_text('x')", "open('../escaped.txt', 'w').write('x')")
+    for code in codes:
+        assert "outside the working folder" in run_python(code).text()
+        assert "Read-only file system" in run_python(code, HARD).text()
+    assert not os.path.exists(target) and os.path.exists(site + "/numpy/__init__.py")
 
 
 def _listener():
@@ -136,6 +151,86 @@ def test_file_size_limit():
 
 
 # ----------------------------------------------------------------------------------------------
+# No isolation: refuse, unless the caller opts in to unsafe execution.
+
+
+def _refusal_checks(msg: str) -> None:
+    assert "python tool refused" in msg and "apt-get install bubblewrap" in msg, msg
+    assert UNSAFE_ENV in msg and "unsafe_no_isolation=True" in msg and "WITHOUT isolation" in msg, msg
+
+
+def test_refuses_without_bubblewrap_unless_unsafe_opt_in(monkeypatch):
+    monkeypatch.setenv("CHATFORGE_BWRAP", "/nonexistent/bwrap")
+    monkeypatch.delenv(UNSAFE_ENV, raising=False)
+    with pytest.raises(SandboxUnavailable) as e:
+        run_python("print(1)")
+    _refusal_checks(str(e.value))
+    assert "bubblewrap (/nonexistent/bwrap) is not installed" in str(e.value)
+    assert protections()["isolation"].startswith("NONE")
+    r = dispatch("python", "print(1)", {"python": python_tool()})  # what the model (and chat) sees
+    assert r.error and r.output.startswith("error: python tool refused")
+    with pytest.warns(RuntimeWarning, match="WITHOUT isolation"):
+        r = run_python("print(6*7)", SandboxLimits(unsafe_no_isolation=True))
+    assert r.stdout == "42\n" and not r.isolated
+    monkeypatch.setenv(UNSAFE_ENV, "1")
+    with pytest.warns(RuntimeWarning, match="WITHOUT isolation"):
+        r = run_python("import os; os.getcwd()")
+    cwd = r.stdout.strip().strip("'")
+    assert cwd.startswith(os.path.join(tempfile.gettempdir(), f"chatforge-py-{os.getpid()}-")), r.text()
+    assert not os.path.exists(cwd)  # the unsafe mode's host scratch folder is deleted after the run
+
+
+def test_refuses_where_user_namespaces_are_disabled():
+    """A real failure, not a simulated one: this test runs the tool inside a bubblewrap sandbox of its
+    own that forbids further user namespaces (like a kernel with them switched off)."""
+    code = ("from chatforge.tools.python_sandbox import *\n"
+            "try:\n    run_python('print(1)')\nexcept SandboxUnavailable as e:\n    print('REFUSED', e)\n"
+            "import warnings; warnings.simplefilter('ignore')\n"
+            "r = run_python('print(6*7)', SandboxLimits(unsafe_no_isolation=True)); print('UNSAFE', r.stdout, r.isolated)")
+    p = subprocess.run(["bwrap", "--dev-bind", "/", "/", "--unshare-user", "--uid", "1000", "--gid", "1000",
+                        "--disable-userns", "--proc", "/proc", "--setenv", "PYTHONPATH", str(REPO),
+                        sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "REFUSED" in p.stdout, p.stdout + p.stderr
+    _refusal_checks(p.stdout)
+    assert "bubblewrap could not start a sandbox: bwrap:" in p.stdout
+    assert "UNSAFE 42\n False" in p.stdout
+
+
+def test_cleanup_removes_only_dead_runs_leftovers():
+    """Leftovers of a crashed run go; a live run's folder (locked by its owner) stays, however old."""
+    tmp = Path(tempfile.gettempdir())
+    dead = tmp / f"chatforge-py-999999999-{uuid.uuid4().hex[:8]}"
+    live = tmp / f"chatforge-py-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    dead.mkdir()
+    (dead / "model-file.txt").write_text("x")
+    live.mkdir()
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    parents = python_sandbox._cgroup_parents()
+    cg = parents[0] / "chatforge-sandbox-999999999-0" if parents else None
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        if cg is not None:  # a dead run's cgroup with a process still in it
+            cg.mkdir()
+            (cg / "cgroup.procs").write_text(str(sleeper.pid))
+            os.utime(cg, (time.time() - 60,) * 2)
+        for p in (dead, live):
+            os.utime(p, (time.time() - 60,) * 2)
+        removed = cleanup_leftovers()
+        assert str(dead) in removed and not dead.exists()
+        assert live.exists() and str(live) not in removed
+        if cg is not None:
+            assert str(cg) in removed and not cg.exists() and sleeper.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        os.close(fd)
+        live.rmdir()
+        if cg is not None and cg.exists():
+            cg.rmdir()
+
+
+# ----------------------------------------------------------------------------------------------
 # Registry
 
 
@@ -166,14 +261,6 @@ def test_registry_and_custom_tools():
 # tested. Each is judged by its effect on the host, never by the message the sandbox prints. The
 # attacks run inside a separate "victim" process (a stand-in for the engine or chat process) started
 # with a secret in its environment, so that killing or reading the parent hits the victim, not pytest.
-
-import json
-import signal
-import subprocess
-import sys
-import sysconfig
-import uuid
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -209,13 +296,13 @@ print("HOST-ALIVE")
 SECRET = f"chatforge-secret-{uuid.uuid4().hex}"
 
 
-def _attack(code: str, env: dict | None = None) -> list[str]:
-    """Run `code` (with and without the guard, after trying to disarm it) from a victim process; the
-    victim must outlive every attack. Returns the two texts the model would have seen."""
-    codes = [[DISARM + code, True], [DISARM + code, False]]
-    p = subprocess.run([sys.executable, "-c", VICTIM], input=json.dumps(codes), capture_output=True, text=True,
-                       timeout=120, env={**os.environ, "PYTHONPATH": str(REPO), "CHATFORGE_VICTIM_SECRET": SECRET,
-                                         **(env or {})})
+def _attack(*codes: str, env: dict | None = None) -> list[str]:
+    """Run each of `codes` twice (guard on after the disarm attempt; guard off) from one victim
+    process; the victim must outlive every attack. Returns the texts the model would have seen."""
+    runs = [[DISARM + code, hook] for code in codes for hook in (True, False)]
+    p = subprocess.run([sys.executable, "-c", VICTIM], input=json.dumps(runs), capture_output=True, text=True,
+                       timeout=60 + 15 * len(runs), env={**os.environ, "PYTHONPATH": str(REPO),
+                                                          "CHATFORGE_VICTIM_SECRET": SECRET, **(env or {})})
     assert p.returncode == 0 and p.stdout.endswith("HOST-ALIVE\n"), (
         f"the host process died (rc {p.returncode}): {p.stdout[-500:]} {p.stderr[-2000:]}")
     return json.loads(p.stdout.splitlines()[-2])
@@ -233,30 +320,29 @@ def host_targets(tmp_path):
 
 
 def test_redteam_writes_outside_scratch(host_targets):
+    _attack(*(f"open({str(t)!r}, 'w').write('pwned')" for t in host_targets))
     for t in host_targets:
-        _attack(f"open({str(t)!r}, 'w').write('pwned')")
         assert not t.exists(), f"the sandbox wrote {t} on the host"
 
 
 def test_redteam_shells_subprocesses_and_ctypes(host_targets):
+    codes = [c for t in host_targets for c in (
+        f"import os; os.system('echo pwned > {t}')",
+        f"import subprocess; subprocess.run(['sh', '-c', 'echo pwned > {t}'])",
+        f"import ctypes; ctypes.CDLL(None).system(b'echo pwned > {t}')",
+        f"import os\nif os.fork() == 0:\n    os.execv('/bin/sh', ['sh', '-c', 'echo pwned > {t}'])\nos.wait()")]
+    _attack(*codes)
     for t in host_targets:
-        for code in (f"import os; os.system('echo pwned > {t}')",
-                     f"import subprocess; subprocess.run(['sh', '-c', 'echo pwned > {t}'])",
-                     f"import ctypes; ctypes.CDLL(None).system(b'echo pwned > {t}')",
-                     f"import os\nif os.fork() == 0:\n    os.execv('/bin/sh', ['sh', '-c', 'echo pwned > {t}'])\n"
-                     f"os.wait()"):
-            _attack(code)
-            assert not t.exists(), f"{code!r} wrote {t} on the host"
+        assert not t.exists(), f"a shell, subprocess, ctypes call or fork+exec wrote {t} on the host"
 
 
 def test_redteam_signals_cannot_reach_the_host():
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
-        for code in ("import os; os.kill(os.getppid(), 9)", "import os; os.killpg(os.getpgid(os.getppid()), 9)",
-                     f"import os, signal; os.kill({sleeper.pid}, signal.SIGKILL)",
-                     f"import ctypes; ctypes.CDLL(None).kill({sleeper.pid}, 9)"):
-            _attack(code)  # asserts the victim (the tool's parent) survived
-            assert sleeper.poll() is None, f"{code!r} killed a host process"
+        _attack("import os; os.kill(os.getppid(), 9)", "import os; os.killpg(os.getpgid(os.getppid()), 9)",
+                f"import os, signal; os.kill({sleeper.pid}, signal.SIGKILL)",
+                f"import ctypes; ctypes.CDLL(None).kill({sleeper.pid}, 9)")  # asserts the victim survived
+        assert sleeper.poll() is None, "the sandbox killed a host process"
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -308,14 +394,21 @@ def test_redteam_reads_host_secrets(shared_data, tmp_path):
     files = [str(home_secret), str(data_file), "/etc/shadow", str(Path(__file__).resolve())]
     shadow = Path("/etc/shadow").read_text().splitlines()[0] if os.access("/etc/shadow", os.R_OK) else None
     code = ("import os\n"
-            f"for f in {files!r} + [f'/proc/{{os.getppid()}}/environ', '/proc/1/environ']:\n"
+            f"for f in {files!r} + [f'/proc/{{os.getppid()}}/environ']:\n"
             "    try:\n"
             "        print(open(f, 'rb').read()[:4000])\n"
             "    except OSError as e:\n"
             "        print('no:', e)\n"
             "print(os.environ)")
+    scan = ("import os\n"  # every process's environment it can see, printing only what looks like a secret
+            "for p in os.listdir('/proc'):\n"
+            "    try:\n"
+            "        env = open(f'/proc/{p}/environ', 'rb').read()\n"
+            "    except OSError:\n"
+            "        continue\n"
+            "    print(p, [v for v in env.split(b'\\0') if b'chatforge-secret' in v])")
     try:
-        for text in _attack(code):
+        for text in _attack(code, scan):
             assert SECRET not in text, "the sandbox read a secret of the host (a file under ~ or a parent's environ)"
             assert data_head not in text, "the sandbox read the data folder"
             assert repo_line not in text, "the sandbox read the repository"
@@ -365,6 +458,7 @@ def test_redteam_host_crash_leaves_nothing_behind():
         while _host_procs_with(token) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _host_procs_with(token), "the sandboxed code outlived the process that ran it"
+        time.sleep(_STALE_AFTER_S)  # a fresh folder may be a live run that has not locked it yet
         assert "ok" in run_python("print('ok')").stdout
         assert not _leftovers(victim.pid), f"left behind: {_leftovers(victim.pid)} (made: {made})"
     finally:
