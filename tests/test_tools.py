@@ -378,8 +378,10 @@ def test_redteam_survivor_escaping_session_and_cgroup():
             "print('parent done')")
     try:
         _attack(code)
-        time.sleep(0.5)
         assert not _host_procs_with(token), "a process forked by the sandbox outlived the call"
+        # the same survivor while the main process spins until the wall-clock timeout kills it
+        r = run_python(code.replace("time.sleep(1)", "while True: pass"), SandboxLimits(audit_hook=False, timeout_s=2))
+        assert r.timed_out and not _host_procs_with(token), "a process forked by the sandbox outlived its timeout"
     finally:
         for pid in _host_procs_with(token):
             os.kill(pid, signal.SIGKILL)
