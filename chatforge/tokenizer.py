@@ -869,8 +869,90 @@ def parse_conversation(tok: Tokenizer, ids: list[int]) -> list[dict]:
             current, role = {"role": "assistant", "content": ""}, "assistant"
         else:
             buf.append(t)
-    if current is not None and role is not None:
+    if role == "tool":  # cut inside a tool result: the assistant message is already in the list
+        call = messages[-1].get("tool_calls", [{}])[-1].get("name", "python") if messages else "python"
+        messages.append({"role": "tool", "name": call, "content": text()})
+    elif current is not None and role is not None:
         current["content"] += text()
         if current["content"] or current.get("tool_calls"):
             messages.append(current)
     return messages
+
+
+def close_turn(tok: Tokenizer, reply: list[int]) -> list[int]:
+    """The tokens of an assistant reply (everything generated after the prompt) ending the turn the
+    way the protocol needs, however generation stopped, so `parse_conversation(prompt + closed)` gives
+    messages that render and accept a next user message:
+
+    - cut inside a tool call, or between its end and the output (max_tokens, the context, or a stop
+      token sampled inside the call): the unfinished call is dropped, it never ran or never answered;
+    - cut inside the tool output: the output is closed with <|output_end|> as far as it came;
+    - a reply that stopped on <|bos|> (the model began a new document) ends with <|assistant_end|>;
+    - control tokens that have no place in an assistant turn (<|user_start|>, a stray <|output_end|>,
+      a tool end without its start ...) are dropped, where `parse_conversation` would lose the turn;
+    - then <|assistant_end|> closes the turn unless the reply already ends with it.
+
+    >>> t = Tokenizer.train(["ab " * 50], 256 + len(SPECIAL_TOKENS) + 1)
+    >>> s = t.special
+    >>> cut = t.encode("hi") + [s("<|python_start|>")] + t.encode("1+")  # cut inside the call
+    >>> t.decode(close_turn(t, cut))
+    'hi<|assistant_end|>'
+    """
+    sp = tok.special_tokens
+    starts = {sp[s]: sp[e] for s, e in TOOL_TOKENS.values()}  # call start -> its end
+    out_start, out_end, end = sp["<|output_start|>"], sp["<|output_end|>"], sp["<|assistant_end|>"]
+    stops = {end, tok.bos_id}
+    specials = set(sp.values())
+    out: list[int] = []
+    state, call_at, call_end = "text", 0, -1  # state: text | call | called (end seen, no output yet) | output
+    for t in reply:
+        if t in stops and state != "output":  # the engine ends a reply on its stop token
+            break
+        if state == "text":
+            if t in starts:
+                state, call_at, call_end = "call", len(out), starts[t]
+            elif t in specials:
+                continue
+        elif state == "call":
+            if t == call_end:
+                state = "called"
+            elif t in specials:
+                continue
+        elif state == "called":
+            if t != out_start:  # no output followed the call: treat it as unanswered
+                del out[call_at:]
+                state = "text"
+                if t in specials:
+                    continue
+            else:
+                state = "output"
+        elif t == out_end:  # state == "output"
+            state = "text"
+        elif t in specials:
+            continue
+        out.append(t)
+    if state in ("call", "called"):
+        del out[call_at:]
+    elif state == "output":
+        out.append(out_end)
+    return out + [end]
+
+
+def fit_conversation(tok: Tokenizer, messages: list[dict], max_len: int) -> tuple[list[int], int]:
+    """(render_prompt ids, n_dropped): the prompt of `messages` after dropping the oldest exchanges
+    (from the first non-system message up to the next user message) until it is at most max_len
+    tokens. A leading system message is always kept, and so is the last user message with what
+    follows it, even if that alone is longer (the caller reports it). Use
+    `messages[:first] + messages[first + n_dropped:]` for the kept history, `first` being 1 when
+    messages[0] is a system message and 0 otherwise."""
+    first = 1 if messages and messages[0].get("role") == "system" else 0
+    head, rest = messages[:first], messages[first:]
+    dropped = 0
+    ids = render_prompt(tok, head + rest)
+    while len(ids) > max_len:
+        nxt = next((i for i, m in enumerate(rest) if i > 0 and m.get("role") == "user"), None)
+        if nxt is None:
+            break
+        rest, dropped = rest[nxt:], dropped + nxt
+        ids = render_prompt(tok, head + rest)
+    return ids, dropped
