@@ -134,10 +134,12 @@ def _publish(tmp: Path, out_dir: Path) -> None:
     for f in tmp.iterdir():
         os.chmod(f, 0o644)
     os.chmod(tmp, 0o755)  # mkdtemp made it 0700
-    old = out_dir.with_name(out_dir.name + ".old")
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    # a fresh hidden name for the previous export (never a name a user's folder may have, like "<out>.old")
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.replace(out_dir, old)  # a folder may replace an empty folder (POSIX rename)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
 

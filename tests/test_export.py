@@ -192,10 +192,14 @@ def test_export_target_must_be_new_or_an_earlier_export(tmp_path, exported, caps
         export_hf(ckpt, theirs)
     assert (theirs / "model.safetensors").read_bytes() == b"theirs"
 
-    # an earlier export is replaced whole (a re-export after more training)
+    # an earlier export is replaced whole (a re-export after more training); a folder named like a
+    # backup of it ("hf.old") is someone's, and stays
     out = tmp_path / "hf"
     export_hf(ckpt, out)
     (out / "model.safetensors").write_bytes(b"stale")
+    (tmp_path / "hf.old").mkdir()
+    (tmp_path / "hf.old" / "notes.txt").write_text("mine")
     assert main(["export", str(ckpt), str(out)]) == 0
     assert (out / "model.safetensors").read_bytes() != b"stale"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "model.bin", "their_model"]
+    assert (tmp_path / "hf.old" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "hf.old", "model.bin", "their_model"]

@@ -106,7 +106,9 @@ class ToolBudget:
     def on_token(self, seq: int, token: int, sampled: bool) -> None:
         self.used += 1
 
-    def fit(self, text: str) -> str:
+    def fit(self, text) -> str:
+        if not isinstance(text, str):  # what tools.dispatch does with a non-string result
+            text = repr(text)
         left = self.room - self.used - 2  # <|output_start|> and <|output_end|> come with it
         budget = max(0, left - left // 4)
         ids = self.tok.encode(text)
