@@ -71,7 +71,10 @@ def _encode(obj: Any) -> Any:
 def _decode(obj: Any) -> Any:
     if isinstance(obj, dict):
         if "__tensor__" in obj:
-            return torch.tensor(obj["__tensor__"], dtype=getattr(torch, obj["dtype"]))
+            dtype = getattr(torch, str(obj.get("dtype")), None)
+            if not isinstance(dtype, torch.dtype):  # a name like "load" must not reach anything but a dtype
+                raise ValueError(f"unknown tensor dtype {obj.get('dtype')!r}")
+            return torch.tensor(obj["__tensor__"], dtype=dtype)
         return {k: _decode(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_decode(v) for v in obj]
@@ -154,9 +157,10 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     if not cfg_file.exists():
         raise ChatforgeError(f"{path} is not a chatforge checkpoint: it has no config.json")
     try:
-        config = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ChatforgeError(f"{cfg_file}: not valid JSON ({e})") from None
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _damaged(cfg_file, "not valid JSON", e, "the file is damaged: copy the checkpoint again or use an "
+                                                      "earlier one") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         if isinstance(config, dict) and ("model_type" in config or "architectures" in config):
             raise ChatforgeError(
@@ -167,29 +171,84 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+def _model_config(path: Path, config: dict) -> ModelConfig:
+    """The ModelConfig in config.json, or a ChatforgeError naming the file and the bad field."""
+    cfg_file = path / CONFIG
+    fields_ = config.get("model")
+    if not isinstance(fields_, dict):
+        raise ChatforgeError(f"{cfg_file}: no \"model\" object; the file is damaged. Copy the checkpoint again "
+                             f"or use an earlier one")
+    known = {f.name: f for f in fields(ModelConfig)}
+    unknown = set(fields_) - known.keys()
+    if unknown:
+        raise ChatforgeError(f"{path}: config.json has model fields this chatforge does not know: "
+                             f"{sorted(unknown)}; upgrade chatforge")
+    for name, value in fields_.items():
+        want = type(getattr(ModelConfig, name))  # every field has a default of its type: int, float or bool
+        if want is bool:
+            ok = isinstance(value, bool)
+        elif isinstance(value, bool) or not isinstance(value, (int, float) if want is float else int):
+            ok = False
+        elif want is int:  # head_dim and intermediate_size may be 0 (= derived)
+            ok = value >= (0 if name in ("head_dim", "intermediate_size") else 1)
+        else:
+            ok = value > 0  # rope_theta, norm_eps; also false for NaN
+        if not ok:
+            raise ChatforgeError(f"{cfg_file}: model field {name} = {value!r} is not a valid {want.__name__}; "
+                                 f"the file is damaged. Copy the checkpoint again or use an earlier one")
+    try:
+        return ModelConfig(**fields_)
+    except (TypeError, ValueError) as e:
+        raise ChatforgeError(f"{cfg_file}: {e}; the file is damaged. Copy the checkpoint again or use an "
+                             f"earlier one") from None
+
+
+def _expected_shapes(model_config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a checkpoint of this config stores, from a model built on the meta device
+    (no memory), so a damaged or hostile config.json is caught before anything is allocated."""
+    with torch.device("meta"):
+        skeleton = GPT(model_config)
+    state = skeleton.state_dict()
+    if model_config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _damaged(f: Path, what: str, e: BaseException, fix: str) -> ChatforgeError:
+    # one line: the library's message can span lines (torch's unpickler explains itself at length)
+    detail = " ".join(str(e).split())[:200] or type(e).__name__
+    return ChatforgeError(f"{f}: {what} ({detail}); {fix}")
+
+
+WEIGHTS_FIX = "the file is damaged (an interrupted copy or a full disk?): copy the checkpoint again or use an earlier one"
+
+
 def load_checkpoint(path: str | os.PathLike, device="cpu") -> tuple[GPT, dict[str, Any]]:
     """Build the model from a checkpoint folder. Returns (model, info) with info keys:
     path, config (the whole config.json), model_config (ModelConfig), train_state (dict or None),
-    tokenizer_dir and optimizer_path (Path or None)."""
+    tokenizer_dir and optimizer_path (Path or None).
+
+    Every damaged file (config.json, model.safetensors, state.json) is a ChatforgeError naming it;
+    the weights' shapes are checked against config.json from the safetensors header before any
+    tensor is read or the model is allocated."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     config = read_config(path)
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = set(config["model"]) - known
-    if unknown:
-        raise ChatforgeError(f"{path}: config.json has model fields this chatforge does not know: "
-                             f"{sorted(unknown)}; upgrade chatforge")
-    model_config = ModelConfig(**config["model"])
-    if not (path / WEIGHTS).exists():
+    model_config = _model_config(path, config)
+    wfile = path / WEIGHTS
+    if not wfile.is_file():
         raise ChatforgeError(f"{path}: {WEIGHTS} is missing; the checkpoint is incomplete")
-    state = load_file(path / WEIGHTS, device="cpu")
-    with torch.device(device):
-        model = GPT(model_config)
-    expected = {k: v.shape for k, v in model_state_dict(model).items()}
-    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
-    bad = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(expected[k])}"
-           for k in expected.keys() & state.keys() if state[k].shape != expected[k]]
+    try:  # safetensors raises its own SafetensorError (and OSError) for an empty or cut file
+        with safe_open(wfile, framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise _damaged(wfile, "not a readable safetensors file", e, WEIGHTS_FIX) from None
+    expected = _expected_shapes(model_config)
+    missing, unexpected = expected.keys() - stored.keys(), stored.keys() - expected.keys()
+    bad = [f"{k}: file {stored[k]} vs config {expected[k]}"
+           for k in expected.keys() & stored.keys() if stored[k] != expected[k]]
     if missing or unexpected or bad:
         detail = "; ".join(filter(None, [
             f"missing {sorted(missing)[:5]}" if missing else "",
@@ -197,10 +256,25 @@ def load_checkpoint(path: str | os.PathLike, device="cpu") -> tuple[GPT, dict[st
             f"shape mismatch {sorted(bad)[:5]}" if bad else ""]))
         raise ChatforgeError(f"{path}: weights do not match config.json ({detail}); "
                              f"the files come from different models")
-    model.load_state_dict(state, strict=not model_config.tie_embeddings)
+    try:
+        state = load_file(wfile, device="cpu")
+    except Exception as e:  # a header that lies about the data behind it
+        raise _damaged(wfile, "not a readable safetensors file", e, WEIGHTS_FIX) from None
     train_state = None
     if (path / STATE).exists():
-        train_state = _decode(json.loads((path / STATE).read_text()))
+        try:
+            train_state = _decode(json.loads((path / STATE).read_text(encoding="utf-8")))
+        except (ValueError, TypeError, KeyError, RuntimeError, OSError) as e:  # JSONDecodeError is a ValueError
+            raise _damaged(path / STATE, "not a valid trainer state", e,
+                           "the file is damaged: use an earlier checkpoint, or pass --force to start training "
+                           "over") from None
+    try:
+        with torch.device(device):
+            model = GPT(model_config)
+    except (RuntimeError, MemoryError) as e:  # e.g. a context length whose RoPE tables do not fit
+        raise _damaged(path / CONFIG, "the model it describes cannot be built here", e,
+                       "check max_seq_len and the sizes in it") from None
+    model.load_state_dict(state, strict=not model_config.tie_embeddings)
     info = {
         "path": path,
         "config": config,
@@ -213,7 +287,19 @@ def load_checkpoint(path: str | os.PathLike, device="cpu") -> tuple[GPT, dict[st
 
 
 def load_optimizer_state(path: str | os.PathLike, map_location="cpu") -> dict | None:
-    """The optimizer state dict saved with the checkpoint, or None if it has none."""
+    """The optimizer state dict saved with the checkpoint, or None if it has none; a damaged file is
+    a ChatforgeError naming it."""
     read_config(path)
     f = Path(path) / OPTIMIZER
-    return torch.load(f, map_location=map_location, weights_only=True) if f.exists() else None
+    if not f.exists():
+        return None
+    try:  # weights_only: tensors and plain containers, never arbitrary pickled objects
+        state = torch.load(f, map_location=map_location, weights_only=True)
+    except Exception as e:  # a cut zip archive (RuntimeError), EOFError, UnpicklingError ...
+        raise _damaged(f, "not a readable optimizer state", e,
+                       "the file is damaged: use an earlier checkpoint, or pass --force to start training over"
+                       ) from None
+    if not isinstance(state, dict):
+        raise ChatforgeError(f"{f}: holds a {type(state).__name__}, not an optimizer state dict; pass --force "
+                             f"to start training over")
+    return state

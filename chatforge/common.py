@@ -194,13 +194,17 @@ def is_complete(path: str | os.PathLike) -> bool:
     return (Path(path) / DONE).exists()
 
 
+# The command that runs a stage, where it is not `chatforge <stage>` (the data stage has sub-actions).
+STAGE_COMMANDS = {"data": "data process"}
+
+
 def require_stage(cfg, stage: str) -> Path:
     """The directory of a complete earlier stage of the same run, or a clear error."""
     d = stage_dir(cfg, stage)
     if not is_complete(d):
         raise ChatforgeError(
             f"stage '{stage}' of run '{cfg.run}' is not complete ({d / DONE} missing); "
-            f"run `chatforge {stage} --run {cfg.run}` first"
+            f"run `chatforge {STAGE_COMMANDS.get(stage, stage)} --run {cfg.run}` first"
         )
     return d
 

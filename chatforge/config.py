@@ -165,6 +165,27 @@ class GenerationConfig:
     device: str = option("auto", "cuda | mps | cpu | auto")
     threads: int = option(0, "torch threads; 0 = one per core")
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Range checks, run on construction: a bad value is a ConfigError naming the flag. (The
+        device is checked where it is chosen, common.get_device.)"""
+        _require(self.max_tokens >= 1, "max_tokens", self.max_tokens, "at least 1")
+        _require(0 <= self.temperature <= 100, "temperature", self.temperature, "in [0, 100]; 0 = greedy")
+        _require(self.top_k >= 0, "top_k", self.top_k, "at least 0 (0 = all tokens)")
+        _require(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        _require(self.threads >= 0, "threads", self.threads, "at least 0 (0 = one per core)")
+
+
+def _require(ok: bool, name: str, value: Any, what: str) -> None:
+    """ConfigError `--name value: must be what` unless ok (NaN fails every range check).
+
+    >>> _require(2 > 1, "top_k", 2, "at least 0")
+    """
+    if not ok:
+        raise ConfigError(f"--{name} {value}: must be {what}")
+
 
 @dataclass
 class SampleConfig(GenerationConfig):
@@ -173,6 +194,10 @@ class SampleConfig(GenerationConfig):
     prompt: str = option("", "text to complete")
     prompt_file: str = option("", "read the prompt from this file (few-shot examples, a document start)")
     num_samples: int = option(1, "completions to draw")
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.num_samples >= 1, "num_samples", self.num_samples, "at least 1")
 
 
 @dataclass
@@ -200,6 +225,13 @@ class ChatConfig(GenerationConfig):
                             "if it exists)")
     max_tool_calls: int = option(4, "tool calls per reply")
     color: str = option("auto", "auto | always | never: colour tool calls and results")
+
+    COLORS = ("auto", "always", "never")
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.max_tool_calls >= 0, "max_tool_calls", self.max_tool_calls, "at least 0")
+        _require(self.color in self.COLORS, "color", self.color, " | ".join(self.COLORS))
 
 
 @dataclass

@@ -4,8 +4,9 @@ chatforge's GPT is Qwen3 layer for layer (see chatforge/model.py), so export is 
 tensors plus a config.json; nothing is converted numerically. The result loads with
 `AutoModelForCausalLM.from_pretrained(out_dir)` and serves with vLLM or llama.cpp's converter.
 
-    out_dir/
-      config.json             Qwen3Config fields (written directly; transformers is not needed)
+    out_dir/                  (files 0644, folder 0755 whatever the umask: servers often run as another user)
+      config.json             Qwen3Config fields (written directly; transformers is not needed), plus
+                              "chatforge_export": the source's stage and step, marking the folder as an export
       generation_config.json  bos/eos ids, when the checkpoint carries a tokenizer
       model.safetensors       weights under Hugging Face names
       tokenizer.json, tokenizer_config.json   via the tokenizer's own HF export, when present
@@ -13,9 +14,12 @@ tensors plus a config.json; nothing is converted numerically. The result loads w
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -101,37 +105,91 @@ def hf_config(model_config, bos_id: int | None = None, eos_id: int | list[int] |
     }
 
 
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                "tokenizer_config.json")
+MARKER = "chatforge_export"  # config.json key (source stage and step; no paths): marks a folder we may replace
+
+
+def _check_target(out_dir: Path) -> None:
+    """Refuse to write over anything but an earlier export: a file, the checkpoint itself, a user's
+    Hugging Face model folder, or any folder with other content."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ChatforgeError(f"export target {out_dir} is a file; give the path of a new folder")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    names = {p.name for p in out_dir.iterdir()}
+    try:
+        ours = MARKER in json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours or not names <= set(EXPORT_FILES):
+        raise ChatforgeError(f"export target {out_dir} exists and is not an earlier chatforge export; refusing to "
+                             f"replace it. Give a new folder, or remove that one first")
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Make every file world-readable (0644, folder 0755) whatever the umask, so a server running
+    under another user can read the export; then swap tmp in for out_dir (the previous export is
+    kept until the new one is in place, as save_checkpoint does)."""
+    for f in tmp.iterdir():
+        os.chmod(f, 0o644)
+    os.chmod(tmp, 0o755)  # mkdtemp made it 0700
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    # a fresh hidden name for the previous export (never a name a user's folder may have, like "<out>.old")
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.replace(out_dir, old)  # a folder may replace an empty folder (POSIX rename)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32") -> Path:
     """Write a transformers folder for a chatforge checkpoint; returns out_dir.
-    dtype: "float32" (exact) or "bfloat16" / "float16" (half the size, for serving)."""
+    dtype: "float32" (exact) or "bfloat16" / "float16" (half the size, for serving).
+
+    The folder is written next to out_dir and renamed into place when complete, so a crash leaves no
+    half export; an existing out_dir is replaced only if it is an earlier chatforge export."""
     from safetensors.torch import save_file
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ChatforgeError(f"export dtype {dtype!r}: choose float32, bfloat16 or float16")
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    _check_target(out_dir)
     model, info = load_checkpoint(checkpoint_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as e:
+        raise ChatforgeError(f"export target {out_dir}: cannot create it ({e.strerror or e})") from None
+    try:
+        # A tied head is stored once, as the embedding: transformers re-ties it from tie_word_embeddings.
+        weights = {to_hf_name(k): v.to(getattr(torch, dtype)).contiguous()
+                   for k, v in model_state_dict(model).items()}
+        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
 
-    # A tied head is stored once, as the embedding: transformers re-ties it from tie_word_embeddings.
-    weights = {to_hf_name(k): v.to(getattr(torch, dtype)).contiguous() for k, v in model_state_dict(model).items()}
-    save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
-
-    bos_id = eos_id = None
-    if info["tokenizer_dir"] is not None:
-        try:
-            from chatforge.tokenizer import Tokenizer
-        except ImportError:
-            log.warning("chatforge.tokenizer is not available; the tokenizer was not exported")
-        else:
-            tok = Tokenizer.load(info["tokenizer_dir"])
-            tok.export_hf(out_dir)
-            bos_id = tok.bos_id
-            # Generation stops at the end of an assistant turn (a chat model) or where the next
-            # document would begin (a base model, which separates documents with BOS).
-            ends = [tok.special_tokens.get("<|assistant_end|>"), bos_id]
-            eos_id = [i for i in dict.fromkeys(ends) if i is not None]
-            write_json(out_dir / "generation_config.json",
-                       {"bos_token_id": bos_id, "eos_token_id": eos_id})
-    write_json(out_dir / "config.json", hf_config(info["model_config"], bos_id, eos_id, dtype))
+        bos_id = eos_id = None
+        if info["tokenizer_dir"] is not None:
+            try:
+                from chatforge.tokenizer import Tokenizer
+            except ImportError:
+                log.warning("chatforge.tokenizer is not available; the tokenizer was not exported")
+            else:
+                tok = Tokenizer.load(info["tokenizer_dir"])
+                tok.export_hf(tmp)
+                bos_id = tok.bos_id
+                # Generation stops at the end of an assistant turn (a chat model) or where the next
+                # document would begin (a base model, which separates documents with BOS).
+                ends = [tok.special_tokens.get("<|assistant_end|>"), bos_id]
+                eos_id = [i for i in dict.fromkeys(ends) if i is not None]
+                write_json(tmp / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id})
+        config = hf_config(info["model_config"], bos_id, eos_id, dtype)
+        config[MARKER] = {k: info["config"].get(k) for k in ("stage", "step")}
+        write_json(tmp / "config.json", config)
+        _publish(tmp, out_dir)
+    except OSError as e:
+        raise ChatforgeError(f"export to {out_dir} failed: {e.strerror or e}"
+                             f"{' (' + e.filename + ')' if getattr(e, 'filename', None) else ''}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
     return out_dir
-

@@ -586,8 +586,10 @@ class Tokenizer:
         return cls(ranks, _hf_pattern(data.get("pre_tokenizer"), path), specials, Path(path).parent.name)
 
     def export_hf(self, directory: str | os.PathLike) -> Path:
-        """Write tokenizer.json + tokenizer_config.json (with the chat template) for transformers."""
-        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+        """Write tokenizer.json + tokenizer_config.json (with the chat template) for transformers:
+        `AutoTokenizer.from_pretrained(directory)(text)` gives `encode(text, bos=True)`, and
+        `apply_chat_template(messages, add_generation_prompt=True)` gives `render_prompt(messages)`."""
+        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
         from tokenizers import Tokenizer as HFTokenizer
 
         d = Path(directory)
@@ -612,12 +614,23 @@ class Tokenizer:
             hf.add_special_tokens([AddedToken(s, special=True, normalized=False)])
             if hf.token_to_id(s) != i:
                 raise ChatforgeError(f"special token {s} got id {hf.token_to_id(s)} in the HF export, not {i}")
-        hf.save(str(d / "tokenizer.json"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                   "model_max_length": 1_000_000}
         if "<|bos|>" in self.special_tokens:
-            config.update(bos_token="<|bos|>", eos_token="<|assistant_end|>", chat_template=CHAT_TEMPLATE)
+            # Every document the model was trained on starts with <|bos|> (`encode(text, bos=True)`, what
+            # `chatforge sample` feeds it), so the plain `tokenizer(text)` must add it: the post-processor
+            # in tokenizer.json does (transformers 4.x, tokenizers, vLLM), and add_bos_token says so to
+            # transformers 5 (which rebuilds the same template from it) and llama.cpp's converter.
+            # Chat templates are tokenized without it: the template writes its own bos_token.
+            hf.post_processor = processors.TemplateProcessing(
+                single="<|bos|>:0 $A:0", pair="<|bos|>:0 $A:0 <|bos|>:1 $B:1",
+                special_tokens=[("<|bos|>", self.bos_id)])
+            config.update(bos_token="<|bos|>", eos_token="<|assistant_end|>", add_bos_token=True,
+                          add_eos_token=False, chat_template=CHAT_TEMPLATE)
+        hf.save(str(d / "tokenizer.json"))
         atomic_write_text(d / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            os.chmod(d / f, 0o644)  # world-readable whatever the umask (atomic writes are 0600): servers run as other users
         return d
 
 
@@ -680,21 +693,54 @@ def _hf_pattern(pre: dict | None, path) -> str:
 # so an assistant message that ends in a tool call has no <|assistant_end|>, and the assistant message
 # after a tool result continues the same turn (no new <|assistant_start|>).
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}<|system_start|>{{ m['content'] }}<|system_end|>"
-    "{% elif m['role'] == 'user' %}<|user_start|>{{ m['content'] }}<|user_end|>"
-    "{% elif m['role'] == 'tool' %}<|output_start|>{{ m['content'] }}<|output_end|>"
-    "{% elif m['role'] == 'assistant' %}"
-    "{% if loop.first or loop.previtem['role'] != 'tool' %}<|assistant_start|>{% endif %}"
-    "{{ m['content'] or '' }}"
-    "{% for c in m.get('tool_calls') or [] %}<|{{ c['name'] }}_start|>{{ c['arguments'] }}<|{{ c['name'] }}_end|>{% endfor %}"
-    "{% if not m.get('tool_calls') %}<|assistant_end|>{% endif %}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt and (messages | length == 0 or messages[-1]['role'] != 'tool') %}<|assistant_start|>{% endif %}"
-)
+def _chat_template() -> str:
+    """The Jinja chat template of the HF export: renders exactly the ids of `render_prompt`
+    (add_generation_prompt=True) and `render_conversation` (False), and refuses what `_render`
+    refuses (via transformers' raise_exception). Tool calls may be ours ({"name", "arguments"}) or
+    OpenAI/HF-style ({"function": {"name", "arguments"}}); non-string arguments are JSON
+    (transformers' tojson: json.dumps with ensure_ascii=False, as `_tool_calls` writes them).
+    Roles and tool names are checked before they are joined into control tokens, so
+    `apply_chat_template(..., sanitize_control_tokens=True)` (transformers >= 5.24) keeps a
+    control-token string typed inside a message ("<|user_start|>") as text, as `encode` does; without
+    that flag transformers turns it into the control token."""
+    names = ", ".join(f"'{n}'" for n in TOOL_TOKENS)
+
+    def fail(what: str, expr: str = "") -> str:
+        """raise_exception with _render's message; `expr` is a Jinja expression appended to it."""
+        return "{{ raise_exception('message ' ~ i ~ ': " + what + "'" + (f" ~ {expr}" if expr else "") + ") }}"
+
+    return "".join([
+        "{% set ns = namespace(mid=false) %}",  # mid: an assistant turn is open after a tool call
+        "{{ bos_token }}",
+        "{% for m in messages %}{% set i = loop.index0 %}",
+        "{% set content = m['content'] if m['content'] is defined and m['content'] else '' %}",
+        "{% if content is not string %}", fail("content must be a string"), "{% endif %}",
+        "{% if m['role'] in ['system', 'user'] %}",
+        "{% if ns.mid %}", fail("a ' ~ m['role'] ~ ' message cannot follow an unanswered tool call"), "{% endif %}",
+        "<|{{ m['role'] }}_start|>{{ content }}<|{{ m['role'] }}_end|>",
+        "{% elif m['role'] == 'assistant' %}",
+        "{% if not ns.mid %}<|assistant_start|>{% endif %}{{ content }}",
+        "{% set calls = m['tool_calls'] if m['tool_calls'] is defined and m['tool_calls'] else [] %}",
+        "{% for c in calls %}",
+        "{% set f = c['function'] if c['function'] is defined else c %}",
+        "{% if f['name'] not in [", names, "] %}", fail("tool call to unknown tool ", "f['name']"), "{% endif %}",
+        "{% set args = f['arguments'] if f['arguments'] is defined else '' %}",
+        "<|{{ f['name'] }}_start|>{{ args if args is string else args | tojson }}"
+        "<|{{ f['name'] }}_end|>",
+        "{% endfor %}",
+        "{% set ns.mid = calls | length > 0 %}",
+        "{% if not ns.mid %}<|assistant_end|>{% endif %}",
+        "{% elif m['role'] == 'tool' %}",
+        "{% if not ns.mid %}", fail("a tool result must follow an assistant tool call"), "{% endif %}",
+        "<|output_start|>{{ content }}<|output_end|>",
+        "{% else %}", fail("unknown role ", "m['role']"),
+        "{% endif %}",
+        "{% endfor %}",
+        "{% if add_generation_prompt and not ns.mid %}<|assistant_start|>{% endif %}",
+    ])
+
+
+CHAT_TEMPLATE = _chat_template()
 
 
 def _tool_calls(message: dict) -> list[tuple[str, str]]:
@@ -704,7 +750,8 @@ def _tool_calls(message: dict) -> list[tuple[str, str]]:
         name, args = fn.get("name"), fn.get("arguments", "")
         if name not in TOOL_TOKENS:
             raise ChatforgeError(f"tool call to unknown tool {name!r}; known: {', '.join(TOOL_TOKENS)}")
-        calls.append((name, args if isinstance(args, str) else json.dumps(args)))
+        # ensure_ascii=False: the model reads "é", not "\\u00e9", and it is what the HF chat template's tojson writes
+        calls.append((name, args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
     return calls
 
 
@@ -822,8 +869,90 @@ def parse_conversation(tok: Tokenizer, ids: list[int]) -> list[dict]:
             current, role = {"role": "assistant", "content": ""}, "assistant"
         else:
             buf.append(t)
-    if current is not None and role is not None:
+    if role == "tool":  # cut inside a tool result: the assistant message is already in the list
+        call = messages[-1].get("tool_calls", [{}])[-1].get("name", "python") if messages else "python"
+        messages.append({"role": "tool", "name": call, "content": text()})
+    elif current is not None and role is not None:
         current["content"] += text()
         if current["content"] or current.get("tool_calls"):
             messages.append(current)
     return messages
+
+
+def close_turn(tok: Tokenizer, reply: list[int]) -> list[int]:
+    """The tokens of an assistant reply (everything generated after the prompt) ending the turn the
+    way the protocol needs, however generation stopped, so `parse_conversation(prompt + closed)` gives
+    messages that render and accept a next user message:
+
+    - cut inside a tool call, or between its end and the output (max_tokens, the context, or a stop
+      token sampled inside the call): the unfinished call is dropped, it never ran or never answered;
+    - cut inside the tool output: the output is closed with <|output_end|> as far as it came;
+    - a reply that stopped on <|bos|> (the model began a new document) ends with <|assistant_end|>;
+    - control tokens that have no place in an assistant turn (<|user_start|>, a stray <|output_end|>,
+      a tool end without its start ...) are dropped, where `parse_conversation` would lose the turn;
+    - then <|assistant_end|> closes the turn unless the reply already ends with it.
+
+    >>> t = Tokenizer.train(["ab " * 50], 256 + len(SPECIAL_TOKENS) + 1)
+    >>> s = t.special
+    >>> cut = t.encode("hi") + [s("<|python_start|>")] + t.encode("1+")  # cut inside the call
+    >>> t.decode(close_turn(t, cut))
+    'hi<|assistant_end|>'
+    """
+    sp = tok.special_tokens
+    starts = {sp[s]: sp[e] for s, e in TOOL_TOKENS.values()}  # call start -> its end
+    out_start, out_end, end = sp["<|output_start|>"], sp["<|output_end|>"], sp["<|assistant_end|>"]
+    stops = {end, tok.bos_id}
+    specials = set(sp.values())
+    out: list[int] = []
+    state, call_at, call_end = "text", 0, -1  # state: text | call | called (end seen, no output yet) | output
+    for t in reply:
+        if t in stops and state != "output":  # the engine ends a reply on its stop token
+            break
+        if state == "text":
+            if t in starts:
+                state, call_at, call_end = "call", len(out), starts[t]
+            elif t in specials:
+                continue
+        elif state == "call":
+            if t == call_end:
+                state = "called"
+            elif t in specials:
+                continue
+        elif state == "called":
+            if t != out_start:  # no output followed the call: treat it as unanswered
+                del out[call_at:]
+                state = "text"
+                if t in specials:
+                    continue
+            else:
+                state = "output"
+        elif t == out_end:  # state == "output"
+            state = "text"
+        elif t in specials:
+            continue
+        out.append(t)
+    if state in ("call", "called"):
+        del out[call_at:]
+    elif state == "output":
+        out.append(out_end)
+    return out + [end]
+
+
+def fit_conversation(tok: Tokenizer, messages: list[dict], max_len: int) -> tuple[list[int], int]:
+    """(render_prompt ids, n_dropped): the prompt of `messages` after dropping the oldest exchanges
+    (from the first non-system message up to the next user message) until it is at most max_len
+    tokens. A leading system message is always kept, and so is the last user message with what
+    follows it, even if that alone is longer (the caller reports it). Use
+    `messages[:first] + messages[first + n_dropped:]` for the kept history, `first` being 1 when
+    messages[0] is a system message and 0 otherwise."""
+    first = 1 if messages and messages[0].get("role") == "system" else 0
+    head, rest = messages[:first], messages[first:]
+    dropped = 0
+    ids = render_prompt(tok, head + rest)
+    while len(ids) > max_len:
+        nxt = next((i for i, m in enumerate(rest) if i > 0 and m.get("role") == "user"), None)
+        if nxt is None:
+            break
+        rest, dropped = rest[nxt:], dropped + nxt
+        ids = render_prompt(tok, head + rest)
+    return ids, dropped

@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from chatforge.common import ChatforgeError
+
 from chatforge.config import ChatConfig
 from chatforge.stages import chat
 from engine_helpers import ScriptedModel, make_checkpoint, train_tokenizer
@@ -85,4 +87,165 @@ def test_cli_and_errors(ckpt, monkeypatch, capsys):
     # a conversation that outgrows the context is an error message, not a crash
     cfg = ChatConfig(checkpoint=str(path), max_tokens=5, temperature=0)
     text, _ = drive(cfg, ["word " * 400, "/tokens"])
-    assert "(error: prompt 0 is" in text and "(conversation:" in text
+    assert "(error: that message makes a" in text and "(conversation: " in text
+
+
+# ---------------------------------------------------------------------------------------------- issue #10 §3
+
+
+def scripted(monkeypatch, tok, script):
+    """Engine.from_checkpoint gives a ScriptedModel (context 256, the tiny preset's) that writes `script`."""
+    from chatforge.engine import Engine
+
+    sp = tok.special
+
+    def fake_from_checkpoint(p, device="auto", tools=None):
+        return Engine(ScriptedModel(script, tok.vocab_size, sp("<|output_start|>"), sp("<|output_end|>")), tok,
+                      tools=tools)
+
+    monkeypatch.setattr(Engine, "from_checkpoint", staticmethod(fake_from_checkpoint))
+
+
+def assert_valid_history(tok, conv, ctx=256):
+    """What the chat keeps renders, parses back to itself, and takes a next user message."""
+    ids = tok.render_conversation(conv)[0]
+    assert tok.parse_conversation(ids) == conv
+    assert len(tok.render_prompt(conv)) < ctx
+    tok.render_prompt(conv + [{"role": "user", "content": "next"}])
+
+
+def test_search_that_fills_the_context_does_not_end_the_chat(ckpt, monkeypatch, tmp_path):
+    """Issue #10: on a 256-token context a search result filled the context, the reply was cut inside
+    the tool output, and the next user line ended the chat (`a user message cannot follow an
+    unanswered tool call`, exit 2). Now the result is cut to fit, the answer follows it, and the next
+    line works (older exchanges make room)."""
+    from chatforge.tools.search import build_index
+
+    path, tok = ckpt
+    docs = tmp_path / "docs.txt"  # long passages that all match: the search tool's 256-token budget fills up
+    docs.write_text("\n\n".join("capital of france paris river mountain " * 40 for _ in range(4)))
+    build_index([docs], tmp_path / "search.sqlite")
+    sp = tok.special
+    script = (tok.encode("Let me search.") + [sp("<|search_start|>")] + tok.encode("capital of france")
+              + [sp("<|search_end|>")] + tok.encode("It is paris.") + [sp("<|assistant_end|>")])
+    scripted(monkeypatch, tok, script)
+    cfg = ChatConfig(checkpoint=str(path), color="never", index=str(tmp_path / "search.sqlite"))
+    text, conv = drive(cfg, ["where is it?", "thanks", "/tokens", "and again"])
+    assert text.count("assistant> ") == 3 and "(error" not in text
+    assert "[cut to fit the context]" in text and "cut at max_tokens" not in text
+    assert "(dropped the 4 oldest messages to fit the 256-token context)" in text
+    assert [m["role"] for m in conv] == ["user", "assistant", "tool", "assistant"]
+    assert conv[0]["content"] == "and again" and conv[-1]["content"] == "It is paris."
+    assert "paris river" in conv[2]["content"] and conv[2]["content"].endswith("[cut to fit the context]")
+    assert_valid_history(tok, conv)
+
+
+def test_reply_cut_inside_tool_output_is_closed(ckpt, monkeypatch):
+    """max_tokens runs out inside a tool result (an error result, which is short but not fitted): the
+    turn is closed with the output as far as it came, and the chat goes on."""
+    path, tok = ckpt
+    sp = tok.special
+    script = ([sp("<|python_start|>")] + tok.encode("@nope: x") + [sp("<|python_end|>")]
+              + tok.encode("done") + [sp("<|assistant_end|>")])
+    scripted(monkeypatch, tok, script)
+    text, conv = drive(ChatConfig(checkpoint=str(path), color="never", max_tokens=14), ["go", "again"])
+    assert text.count("assistant> ") == 2 and text.count("cut at max_tokens") == 2 and "(error" not in text
+    assert [m["role"] for m in conv] == ["user", "assistant", "tool", "assistant"] * 2
+    assert conv[2]["content"].startswith("error") and "unknown tool" not in conv[2]["content"]  # cut inside it
+    assert conv[3]["content"] == ""
+    assert_valid_history(tok, conv)
+
+
+def test_close_turn_at_every_cut_point(ckpt):
+    """Wherever generation stops -- in text, a call's arguments, between a call and its output, inside
+    the output, on <|bos|> -- the closed reply parses to messages that render back to themselves and
+    accept a next user message."""
+    from chatforge.tokenizer import close_turn
+
+    _, tok = ckpt
+    sp = tok.special
+    prompt = tok.render_prompt([{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}])
+    reply = (tok.encode("Let me compute.") + [sp("<|python_start|>")] + tok.encode("print(6*7)")
+             + [sp("<|python_end|>"), sp("<|output_start|>")] + tok.encode("42\n") + [sp("<|output_end|>")]
+             + tok.encode("Then search.") + [sp("<|search_start|>")] + tok.encode("the cat")
+             + [sp("<|search_end|>"), sp("<|output_start|>")] + tok.encode("a cat sat") + [sp("<|output_end|>")]
+             + tok.encode("It is 42.") + [sp("<|assistant_end|>")])
+    end = sp("<|assistant_end|>")
+    for k in range(len(reply) + 1):
+        closed = close_turn(tok, reply[:k])
+        assert closed[-1] == end and closed.count(end) == 1, k
+        conv = tok.parse_conversation(prompt + closed)
+        assert conv[-1]["role"] == "assistant" and not conv[-1].get("tool_calls"), k
+        assert_valid_history(tok, conv[1:])
+        assert_valid_history(tok, conv)
+    assert close_turn(tok, reply) == reply  # a complete reply is left as it is
+    # cut inside the second call: the unfinished call goes, the first call and its output stay
+    cut = reply.index(sp("<|search_start|>")) + 2
+    conv = tok.parse_conversation(prompt + close_turn(tok, reply[:cut]))
+    assert [m["role"] for m in conv[2:]] == ["assistant", "tool", "assistant"]
+    assert conv[-1]["content"] == "Then search." and conv[2]["tool_calls"] == [{"name": "python", "arguments": "print(6*7)"}]
+    # cut inside the first output: closed there
+    cut = reply.index(sp("<|output_start|>")) + 2
+    conv = tok.parse_conversation(prompt + close_turn(tok, reply[:cut]))
+    assert conv[3] == {"role": "tool", "name": "python", "content": tok.decode(tok.encode("42\n")[:1])}
+    # a stop token sampled inside a call, <|bos|> ending the reply, control tokens out of place
+    stray = (tok.encode("a") + [sp("<|user_start|>"), sp("<|output_end|>")] + tok.encode("b")
+             + [sp("<|search_start|>")] + tok.encode("q") + [sp("<|assistant_start|>"), end])
+    assert close_turn(tok, stray) == tok.encode("a") + tok.encode("b") + [end]
+    assert close_turn(tok, tok.encode("x") + [tok.bos_id]) == tok.encode("x") + [end]
+
+
+def test_history_error_is_a_message_not_the_end(ckpt, monkeypatch):
+    """render_prompt used to run outside the error handling: a history the protocol refuses ended the chat."""
+    import chatforge.tokenizer as T
+
+    path, tok = ckpt
+    real, calls = T.fit_conversation, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ChatforgeError("message 3: a user message cannot follow an unanswered tool call")
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "fit_conversation", flaky)
+    text, conv = drive(ChatConfig(checkpoint=str(path), max_tokens=4, temperature=0, tools=False),
+                       ["first", "second"])
+    assert "(error: message 3: a user message cannot follow an unanswered tool call. /reset starts over)" in text
+    assert text.count("assistant> ") == 1 and [m["content"] for m in conv if m["role"] == "user"] == ["second"]
+
+
+@pytest.mark.parametrize("cmd,flag,value,msg", [
+    ("chat", "--temperature", "-5", "--temperature -5.0: must be in [0, 100]"),
+    ("chat", "--max_tokens", "0", "--max_tokens 0: must be at least 1"),
+    ("chat", "--color", "purple", "--color purple: must be auto | always | never"),
+    ("chat", "--top_p", "0", "--top_p 0.0: must be in (0, 1]"),
+    ("chat", "--top_k", "-1", "--top_k -1: must be at least 0"),
+    ("chat", "--max_tool_calls", "-1", "--max_tool_calls -1: must be at least 0"),
+    ("chat", "--temperature", "nan", "--temperature nan: must be in [0, 100]"),
+    ("sample", "--temperature", "101", "--temperature 101.0: must be in [0, 100]"),
+    ("sample", "--num_samples", "0", "--num_samples 0: must be at least 1"),
+    ("sample", "--threads", "-2", "--threads -2: must be at least 0"),
+])
+def test_generation_flags_are_validated(ckpt, capsys, cmd, flag, value, msg):
+    from chatforge.cli import main
+
+    path, _ = ckpt
+    assert main([cmd, str(path), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"chatforge {cmd}: error: {msg}") and err.count("\n") == 1, err
+
+
+def test_parse_of_ids_cut_inside_tool_output(ckpt):
+    """parse_conversation appended the assistant message twice (and the partial output as its text)
+    when the ids ended inside a tool result; now it ends with the partial tool message, a mid-turn
+    history whose prompt continues the turn."""
+    _, tok = ckpt
+    sp = tok.special
+    ids = (tok.render_prompt([{"role": "user", "content": "hi"}]) + tok.encode("ok") + [sp("<|python_start|>")]
+           + tok.encode("1+1") + [sp("<|python_end|>"), sp("<|output_start|>")] + tok.encode("2"))
+    conv = tok.parse_conversation(ids)
+    assert conv == [{"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "ok", "tool_calls": [{"name": "python", "arguments": "1+1"}]},
+                    {"role": "tool", "name": "python", "content": "2"}]
+    assert tok.render_prompt(conv) == ids + [sp("<|output_end|>")]

@@ -119,7 +119,8 @@ def test_export_writes_tokenizer_and_special_ids(tmp_path, monkeypatch):
     (tok_dir / "vocab.bin").write_bytes(b"\x00\x01")
     save_checkpoint(tmp_path / "ckpt", GPT(tiny()), tokenizer_dir=tok_dir)
     out = export_hf(tmp_path / "ckpt", tmp_path / "hf")
-    assert calls == {"load": tmp_path / "ckpt" / "tokenizer", "export": out}
+    # the export is written into a sibling temp folder, then renamed to `out` (export.py)
+    assert calls["load"] == tmp_path / "ckpt" / "tokenizer" and calls["export"].parent == out.parent
     config = json.loads((out / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (7, [9, 7])
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [9, 7]
@@ -143,7 +144,7 @@ def test_export_with_real_tokenizer_loads_in_transformers(tmp_path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     text = texts[0][:80]
     ids = hf_tok(text, return_tensors="pt").input_ids
-    assert ids[0].tolist() == tok.encode(text)
+    assert ids[0].tolist() == tok.encode(text, bos=True)  # documents start with <|bos|> (tests/test_export.py)
     assert hf.config.bos_token_id == tok.bos_id
     new = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)[:, ids.size(1):]
     assert new.tolist() == greedy_cached(model, ids, 8)[:, :new.size(1)].tolist()

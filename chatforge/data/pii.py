@@ -11,6 +11,8 @@ learns what an address looks like) and no real person or host is named:
 
 Only public addresses are masked: private (10/8, 192.168/16, fc00::/7), loopback, link-local and
 other special-purpose ranges identify no one, and documentation about them (`127.0.0.1`) is useful.
+What is deliberately left alone (obfuscated or non-ASCII e-mails, version numbers, dates, times, MAC
+addresses, bare digit runs, numbers without area code or `+` prefix) is listed in tests/test_pii.py.
 Each function returns `(new_text, count)`.
 """
 
@@ -30,16 +32,18 @@ EMAIL_RE = re.compile(
     r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
     r"[A-Za-z]{2,24}(?![\w-])"
 )
-IPV4_RE = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.]|\.\d)")
+# Four dotted octets, not inside a longer dotted run (a version "1.2.3.4.5", a hostname "1.2.3.4.nip.io"); a
+# period after the address ends a sentence ("server at 8.8.8.8.") and does not protect it.
+IPV4_RE = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?!\w|\.\w)")
 # Candidate IPv6: hex groups with colons (incl. "::" compression); ipaddress decides validity.
 IPV6_RE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 # Phone numbers: an international number (+CC then 6-14 digits in groups), or a North American
-# number with separators ((415) 555-2671, 415-555-2671, 415.555.2671). Bare digit runs (IDs, prices,
-# years) are not phone numbers: we require a leading '+' or the 3-3-4 shape with separators.
+# number with separators ((415) 555-2671, (283)-182-3829, 415.555.2671, 1-800-555-0199). Bare digit runs
+# (IDs, prices, years) are not phone numbers: we require a leading '+' or the 3-3-4 shape with separators.
 PHONE_RE = re.compile(
     r"(?<![\w+])(?:"
     r"\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}"
-    r"|(?:\(\d{3}\)\s?|\d{3}[ .-])\d{3}[ .-]\d{4}"
+    r"|(?:1[ .-])?(?:\(\d{3}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}"
     r")(?![\w-])"
 )
 
@@ -71,11 +75,23 @@ def mask_emails(text: str, placeholder: str = EMAIL_PLACEHOLDER) -> tuple[str, i
     return _mask(EMAIL_RE, text, placeholder, keep=lambda s: s.lower().endswith(FILE_SUFFIXES))
 
 
+# IANA has allocated only 2000::/3 for global unicast (RFC 4291 §2.4; iana.org ipv6-unicast-address-assignments),
+# so a "public" IPv6 address outside it is a look-alike: "Cafe::Add", "dead::beef" parse as IPv6 and count as
+# is_global in Python, but name no host.
+GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")
+
+
 def _is_public(addr: str) -> bool:
+    """True for an address that can name a host on the internet.
+
+    >>> _is_public("8.8.8.8"), _is_public("10.0.0.1"), _is_public("2606:4700::1111"), _is_public("dead::beef")
+    (True, False, True, False)
+    """
     try:
-        return ipaddress.ip_address(addr).is_global
+        ip = ipaddress.ip_address(addr)
     except ValueError:
         return False
+    return ip.is_global and (ip.version == 4 or ip in GLOBAL_UNICAST_V6)
 
 
 def mask_ips(text: str, v4: str = IPV4_PLACEHOLDER, v6: str = IPV6_PLACEHOLDER) -> tuple[str, int]:

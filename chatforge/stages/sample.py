@@ -37,12 +37,7 @@ def run(cfg, out=None) -> list[str]:
     out = out or sys.stdout
     if not cfg.checkpoint:
         raise ChatforgeError("give a CHECKPOINT folder, e.g. runs/tiny/pretrain/checkpoint")
-    for name, lo, hi in (("temperature", 0, 100), ("top_p", 0, 1)):
-        v = getattr(cfg, name)
-        if not lo <= v <= hi or (name == "top_p" and v == 0):
-            raise ChatforgeError(f"--{name} {v}: must be in {'(0, 1]' if name == 'top_p' else '[0, 100]'}")
-    if cfg.max_tokens < 1 or cfg.num_samples < 1 or cfg.top_k < 0:
-        raise ChatforgeError("--max_tokens and --num_samples must be at least 1, --top_k at least 0")
+    cfg.validate()  # ranges (config.SampleConfig); also checked when the config is built
     setup_threads(cfg.threads)
     engine = Engine.from_checkpoint(cfg.checkpoint, cfg.device, tools={})
     tok, ctx = engine.tok, engine.config.max_seq_len
