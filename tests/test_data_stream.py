@@ -1,6 +1,7 @@
 """WARC input streamed over HTTPS (the Common Crawl case), against a local HTTPS server with a
 self-signed certificate: the pages are those of the local file, `crawl-data/...` paths resolve to the
-crawl's base URL, and a download cut mid-record is counted as truncated while the run goes on."""
+crawl's base URL, a download cut mid-record is counted as truncated while the run goes on, and a
+damaged file is read around on the forward-only stream as on a local file."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 import ssl
 import subprocess
 import threading
+import zlib
 from collections import Counter
 
 import pytest
@@ -34,6 +36,7 @@ def https_server(tmp_path_factory, shared_data):
     body = (shared_data / WARC).read_bytes()
     (site / "crawl-data" / "CC-TEST" / "warc" / "a.warc.gz").write_bytes(body)
     (site / "cut.warc.gz").write_bytes(body[: len(body) // 2])  # a download that stops half-way
+    (site / "junk.warc.gz").write_bytes(with_junk(body))
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *a, **kw):
@@ -49,6 +52,18 @@ def https_server(tmp_path_factory, shared_data):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"https://localhost:{server.server_address[1]}/", cert
     server.shutdown()
+
+
+def with_junk(body: bytes) -> bytes:
+    """The WARC with 700 junk bytes after every 10th gzip member."""
+    out, pos, i = [], 0, 0
+    while pos < len(body):
+        d = zlib.decompressobj(31)
+        d.decompress(body[pos:])
+        end = len(body) - len(d.unused_data)
+        out.append(body[pos:end] + (bytes(range(7, 250)) * 3)[:700] * (i % 10 == 9))
+        pos, i = end, i + 1
+    return b"".join(out)
 
 
 def pages(path: str, counts: Counter | None = None) -> list[tuple[str, str, int]]:
@@ -76,6 +91,31 @@ def test_https_download_cut_short_is_counted_and_skipped(https_server, monkeypat
     full = pages(str(shared_data / WARC))
     assert 0 < len(got) < len(full) and got == full[:len(got)]  # what arrived is intact
     assert counts["skip:truncated"] == 1
+
+
+def test_damaged_file_is_read_around_on_a_stream(https_server, monkeypatch, shared_data):
+    """Resynchronising needs to look back at the last record's bytes: the stream keeps them in a
+    window, so a junk-ridden download gives every page of the clean file, junk counted."""
+    base, cert = https_server
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    counts: Counter = Counter()
+    assert pages(base + "junk.warc.gz", counts) == pages(str(shared_data / WARC))
+    assert counts["file:resynced_bytes"] == 700 * 4 and counts["file:resyncs"] == 4  # 48 records: 4 junk runs
+    # When the last record's bytes are no longer in the window (a record larger than it), reading
+    # stops at the damage, counted; what came before is intact.
+    def forget(self, pos):
+        del self.buf[:self.pos - self.base]
+        self.base = self.pos
+
+    monkeypatch.setattr(warc._ForwardStream, "release", forget)
+    counts = Counter()
+    got, clean = pages(base + "junk.warc.gz", counts), pages(str(shared_data / WARC))
+    assert 0 < len(got) < len(clean) and got == clean[:len(got)]
+    assert counts["skip:malformed_file"] == 1 and any("cannot go back" in k for k in counts)
+    # ... while a clean file whose last record cannot be looked at again is not reported as damaged
+    counts = Counter()
+    assert pages(base + "crawl-data/CC-TEST/warc/a.warc.gz", counts) == clean
+    assert not [k for k in counts if k.startswith(("skip:malformed", "error:", "file:"))]
 
 
 def test_untrusted_certificate_and_missing_url_are_counted_not_fatal(https_server, monkeypatch):

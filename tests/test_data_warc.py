@@ -66,7 +66,7 @@ def test_corrupted_copies(tmp_path, shared_data):
     counts = Counter()
     n = len(list(iter_pages(str(trunc), counts)))
     assert n > 10 and counts["skip:truncated"] + counts["skip:malformed_file"] >= 1
-    # flipped bytes in a header: reading stops at the bad header, counted, no exception
+    # flipped bytes in a header: the file is marked damaged, no exception (exact recovery: test_data_warc_recovery)
     raw = bytearray((shared_data / "web/warcio-edge-cases/example.warc").read_bytes())
     i = raw.find(b"WARC/1.0", 100)
     raw[i:i + 8] = b"XARC/9.9"
@@ -78,9 +78,9 @@ def test_corrupted_copies(tmp_path, shared_data):
     # random garbage and an empty file
     (tmp_path / "garbage.warc.gz").write_bytes(b"\x1f\x8b\x08garbage" * 100)
     (tmp_path / "empty.warc").write_bytes(b"")
-    for name in ("garbage.warc.gz", "empty.warc"):
+    for name, key in (("garbage.warc.gz", "skip:unreadable_file"), ("empty.warc", "skip:empty_file")):
         counts = Counter()
-        assert list(iter_pages(str(tmp_path / name), counts)) == []
+        assert list(iter_pages(str(tmp_path / name), counts)) == [] and counts[key] == 1
     counts = Counter()
     assert list(iter_pages(str(tmp_path / "missing.warc"), counts)) == []
     assert counts["skip:unreadable_file"] == 1

@@ -9,12 +9,15 @@ hitting a bad page) fails that task only.
 - `RayExecutor(workers, address)`: one Ray task per input file (`pip install ray`); `address=''`
   starts a local Ray instance, `auto` or `ray://host:10001` joins a cluster. The cluster's nodes must
   see the inputs and the run directory (a shared filesystem, or URLs for the inputs).
+
+`remove_stale_temps` clears what killed workers of an earlier attempt left, before a resume.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
@@ -77,6 +80,19 @@ class RayExecutor:
                 self.ray.cancel(r, force=True)
             if self._started:
                 self.ray.shutdown()
+
+
+def remove_stale_temps(*folders: Path) -> int:
+    """Delete the temp files (`.<name>.<...>.tmp`) that killed workers left in `folders`; returns how
+    many. Outputs are written under a temp name and renamed when complete, and an exception or Ctrl-C
+    removes the temp file, but a SIGKILL (the OOM killer, a preempted node) skips every `finally`.
+    Call it before any task of the run starts (nothing may be writing there), as a resume does."""
+    n = 0
+    for folder in folders:
+        for tmp in Path(folder).glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+            n += 1
+    return n
 
 
 def make_executor(kind: str, workers: int, address: str = ""):

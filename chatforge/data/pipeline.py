@@ -33,14 +33,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from chatforge.common import atomic_write_text
+from chatforge.common import ChatforgeError, atomic_write_text
 from chatforge.data.dedup import MinHasher, exact_hash
 from chatforge.data.extract import ExtractionTimeout, TooDeep, extract_text
 from chatforge.data.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
                                     GopherRepetitionFilter, URLFilter)
 from chatforge.data.langid import LanguageFilter
 from chatforge.data.pii import PIIMasker
-from chatforge.data.warc import Page, decode_html, iter_pages, parse_date
+from chatforge.data.warc import READER_VERSION, Page, decode_html, iter_pages, parse_date
 
 # The output shard schema (documented in the README).
 SCHEMA = pa.schema([
@@ -62,10 +62,12 @@ STEPS = ["read", "url", "extract", "lang", "gopher_rep", "gopher_quality", "c4",
 _NOT_IN_FINGERPRINT = {"run", "runs_dir", "device", "threads", "force", "workers", "executor", "ray_address",
                        "shard_docs", "sample_dropped"}
 _FLUSH_DOCS = 500  # staged rows per parquet row group: bounds a worker's memory
+_FILE_LEVEL = ("skip:malformed_file", "skip:unreadable_file", "skip:empty_file")  # iter_pages' per-file keys
 
 
 def settings_fingerprint(cfg: Any, extra: dict | None = None) -> str:
     d = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
+    d["warc_reader"] = READER_VERSION  # a reader that recovers more records redoes the tasks of an older one
     d.update(extra or {})
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -263,13 +265,14 @@ class TaskRunner:
             raise
         # read-step funnel: candidates in, pages out, every skip reason counted
         read["in"] += counts.get("candidates", 0)
+        fe = self.stats["file_errors"]
         for k, v in counts.items():
-            if k.startswith("skip:") and k not in ("skip:malformed_file", "skip:unreadable_file"):
+            if k in _FILE_LEVEL or k.startswith("file:"):  # not documents: about the file itself
+                fe[k.split(":", 1)[1]] = fe.get(k.split(":", 1)[1], 0) + v
+            elif k.startswith("skip:"):
                 read["dropped"][k[5:]] = read["dropped"].get(k[5:], 0) + v
-            elif k in ("skip:malformed_file", "skip:unreadable_file"):
-                self.stats["file_errors"][k[5:]] = self.stats["file_errors"].get(k[5:], 0) + v
-            elif k.startswith("error:"):
-                self.stats["file_errors"][k] = self.stats["file_errors"].get(k, 0) + v
+            elif k.startswith(("error:", "damaged:")):
+                fe[k] = fe.get(k, 0) + v
             elif k.startswith("record:"):
                 self.stats["record_types"][k[7:]] = self.stats["record_types"].get(k[7:], 0) + v
         # a record cut short after the last page counts even when no page followed it
@@ -333,6 +336,51 @@ def read_marker(path: Path) -> dict | None:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Problems with whole input files, for the console: each damaged or unreadable input by name.
+
+_DAMAGE = {"bad_content_length": "with a wrong Content-Length", "corrupt": "with corrupt compressed bytes",
+           "truncated": "cut short by the end of the file"}
+
+
+def file_problem(stats: dict) -> str | None:
+    """What was wrong with one task's input file, in one line (None when nothing was).
+
+    >>> file_problem({"records": 9, "file_errors": {"malformed_file": 1, "resynced_bytes": 512, "resyncs": 2}})
+    'damaged, read around: 512 bytes of junk skipped at 2 place(s); 9 record(s) read'
+    """
+    fe = stats.get("file_errors") or {}
+    errors = "; ".join(k[6:] for k in fe if k.startswith("error:"))
+    if fe.get("empty_file"):
+        return "empty file: nothing to read"
+    if fe.get("unreadable_file"):
+        return f"unreadable, not one WARC record found ({errors or 'not a WARC file'})"
+    parts = [f"{fe['resynced_bytes']:,} bytes of junk skipped at {fe.get('resyncs', 0)} place(s)"] \
+        if fe.get("resynced_bytes") else []
+    lost = 0
+    for reason, words in _DAMAGE.items():
+        if fe.get(f"damaged:{reason}"):
+            parts.append(f"{fe[f'damaged:{reason}']:,} record(s) {words} lost")
+            lost += fe[f"damaged:{reason}"]
+    if fe.get("gave_up"):
+        parts.append("reading stopped there, the damage too dense to read around")
+    if parts:
+        return f"damaged, read around: {', '.join(parts)}; {stats.get('records', 0) - lost:,} record(s) read"
+    if fe.get("malformed_file"):
+        return f"reading stopped early ({errors}); {stats.get('records', 0):,} record(s) read before"
+    return None
+
+
+def check_readable(results: list[dict]) -> None:
+    """Raise one clear error when not one input file held a readable record (a run over nothing
+    must not look complete)."""
+    bad = [r["input"] for r in results if not r["stats"].get("records")]
+    if results and len(bad) == len(results):
+        names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ChatforgeError(f"none of the {len(bad)} input file(s) holds a readable WARC record: {names} "
+                             f"(empty, not WARC, or unreachable; see the lines above); fix --inputs")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -73,9 +73,9 @@ def run(cfg: DataConfig) -> dict:
         log0(f"data: {out} is complete, skipping (pass --force to redo)")
         return read_done(out)
     _check(cfg)
-    from chatforge.data.executor import make_executor
-    from chatforge.data.pipeline import (dedup_and_write, empty_stats, merge_stats, completed_task, run_task,
-                                         settings_fingerprint)
+    from chatforge.data.executor import make_executor, remove_stale_temps
+    from chatforge.data.pipeline import (check_readable, dedup_and_write, empty_stats, file_problem, merge_stats,
+                                         completed_task, run_task, settings_fingerprint)
     from chatforge.data.warc import expand_inputs
 
     root = data_dir(cfg.data_dir)
@@ -92,6 +92,8 @@ def run(cfg: DataConfig) -> dict:
             shutil.rmtree(d, ignore_errors=True)
     with stage_run(cfg, "data") as srun:
         tasks_dir.mkdir(parents=True, exist_ok=True)
+        if n := remove_stale_temps(tasks_dir, shards_dir):
+            log0(f"data: removed {n} temp file(s) left by an earlier run that was killed")
         fp = settings_fingerprint(cfg, {"blocklist": blocklist})
         tasks = [{"index": i, "input": p, "tasks_dir": str(tasks_dir), "cfg": cfg, "blocklist": blocklist,
                   "fingerprint": fp} for i, p in enumerate(inputs)]
@@ -121,6 +123,11 @@ def run(cfg: DataConfig) -> dict:
             bar.set_postfix(docs_s=f"{docs_done / max(time.time() - t0, 1e-9):.0f}")
         bar.close()
         task_seconds = time.time() - t0
+        problems = {results[i]["input"]: file_problem(results[i]["stats"]) for i in sorted(results)}
+        problems = {k: v for k, v in problems.items() if v}
+        for name, problem in problems.items():
+            log0(f"data: {name}: {problem}")
+        check_readable([results[i] for i in sorted(results)])
         # phase 2: dedup across everything, then the shards
         staged = [tasks_dir / f"{i:05d}.staged" for i in sorted(results)]
         d = dedup_and_write(staged, shards_dir, cfg)
@@ -139,6 +146,7 @@ def run(cfg: DataConfig) -> dict:
             "workers": workers, "executor": cfg.executor,
             "docs_per_second": round(docs_in / max(wall, 1e-9), 1),
             "docs_per_second_per_core": round(docs_in / max(wall, 1e-9) / workers, 1),
+            "input_problems": problems,
             "dedup_index_bytes": d["index_bytes"],
             "dedup_index_bytes_per_doc": round(d["index_bytes"] / max(1, d["in"]), 1),
             "schema": "id, url, date, text, lang, lang_score, pii_emails, pii_ips, pii_phones, source",
@@ -193,6 +201,7 @@ def inspect(run_path: str, k: int = 3, seed: int = 0, chars: int = 300) -> str:
     fe = stats.get("file_errors") or {}
     if fe:
         lines.append("\nfile errors: " + ", ".join(f"{k} {v}" for k, v in fe.items()))
+    lines += [f"  {name}: {problem}" for name, problem in (stats.get("input_problems") or {}).items()]
     pii = stats.get("pii", {})
     lines.append(f"\nPII masked (e-mails / IP addresses / phone numbers): {pii.get('emails', 0)} / "
                  f"{pii.get('ips', 0)} / {pii.get('phones', 0)}")
