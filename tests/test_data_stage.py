@@ -158,7 +158,7 @@ def test_turning_dedup_on_redoes_tasks(tmp_path, inputs):
 
 def test_stage_data_corpus_entry(tmp_path, inputs):
     from chatforge.common import ChatforgeError
-    from chatforge.tokenizer import expand_corpus, iter_documents
+    from chatforge.corpus import expand_corpus, iter_documents
 
     cfg = _cfg(tmp_path, inputs, inputs=[str(inputs / "dolma-*"), str(inputs / "whirlwind.warc.gz")])
     with pytest.raises(ChatforgeError, match="not complete"):
