@@ -323,7 +323,7 @@ def main() -> None:
                     for u in odd:
                         who = "chatforge" if u in ours else "datatrove"
                         print(f"| {urls[u]} | {who} | {'yes' if u in both_read else 'no'} | {parity[u][0]} | {parity[u][1]} |")
-    from chatforge.stages.data import funnel_table
+    from chatforge.data.report import funnel_table
 
     print("\nchatforge (resiliparse) funnel:\n")
     print(funnel_table(res["resiliparse"]["stats"]))

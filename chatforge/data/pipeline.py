@@ -405,6 +405,32 @@ def dedup_and_write(staged: list[Path], shards_dir: Path, cfg, log=print) -> dic
             "words_in": words_in, "words_out": words_out, "seconds": time.perf_counter() - t0, "index_bytes": index_bytes, "shards": shards}
 
 
+def run_stats(task_stats: list[dict], dedup: dict, cfg, *, inputs: list[str], wall: float, task_seconds: float,
+              workers: int) -> dict:
+    """The whole run's stats.json: the tasks' funnels summed, the dedup phase's counts (`dedup_and_write`'s
+    result) as the last step, throughput and the settings."""
+    stats = empty_stats()
+    for part in task_stats:
+        merge_stats(stats, part)
+    dd = stats["steps"]["dedup"]
+    dd.update({"in": dedup["in"], "out": dedup["out"], "dropped": dedup["dropped"], "words_in": dedup["words_in"],
+               "words_out": dedup["words_out"]})
+    dd["seconds"] += dedup["seconds"]
+    docs_in = stats["steps"]["read"]["in"]
+    stats.update({
+        "inputs": inputs, "docs_in": docs_in, "docs_out": dedup["out"], "shards": dedup["shards"],
+        "wall_seconds": round(wall, 2), "task_phase_seconds": round(task_seconds, 2),
+        "workers": workers, "executor": cfg.executor,
+        "docs_per_second": round(docs_in / max(wall, 1e-9), 1),
+        "docs_per_second_per_core": round(docs_in / max(wall, 1e-9) / workers, 1),
+        "dedup_index_bytes": dedup["index_bytes"],
+        "dedup_index_bytes_per_doc": round(dedup["index_bytes"] / max(1, dedup["in"]), 1),
+        "schema": ", ".join(SCHEMA.names),
+        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("run", "runs_dir")},
+    })
+    return stats
+
+
 def sample_rows(shards: list[Path], k: int, seed: int = 0) -> list[dict]:
     """k random documents from the output shards (reads one shard)."""
     rng = random.Random(seed)
