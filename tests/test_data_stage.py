@@ -212,3 +212,39 @@ def test_word_counts_follow_each_step_that_rewrites_text(tmp_path):
     assert steps["c4"]["words_out"] == len(text.split()) - 1            # the one-word line "Menu" is gone
     assert steps["pii"]["words_in"] == steps["c4"]["words_out"]
     assert steps["pii"]["words_out"] == len(doc.text.split()) == steps["c4"]["words_out"] - 4
+
+
+def test_a_filter_that_raises_fails_the_run_naming_it(tmp_path, inputs, monkeypatch):
+    """A bug in a filter must not turn into a silent `error:X` drop of every document: past a small
+    threshold the run stops with one error naming the step, the filter and the first exception. A rare
+    error (one document) is still counted and skipped."""
+    from chatforge.common import ChatforgeError
+    from chatforge.data import filters
+
+    real = filters.FineWebQualityFilter.filter
+
+    def broken(self, doc):
+        return 1 / 0
+
+    monkeypatch.setattr(filters.FineWebQualityFilter, "filter", broken)
+    cfg = _cfg(tmp_path, inputs, inputs=[str(inputs / "dolma-*")])
+    with pytest.raises(ChatforgeError, match=r"step 'fineweb' \(FineWebQualityFilter\) raised on 11 of the 11 "
+                                             r"documents.*ZeroDivisionError: division by zero at test_data_stage"):
+        data_stage.run(cfg)
+    assert not (tmp_path / "runs/t/data/DONE").exists()
+    assert main(["data", "process", "--runs_dir", str(tmp_path / "runs"), "--run", "cli", "--inputs",
+                 str(inputs / "dolma-*"), "--workers", "1", "--languages", "", "--lang_threshold", "0"]) == 2
+
+    seen = {"n": 0}
+
+    def rarely_broken(self, doc):
+        seen["n"] += 1
+        if seen["n"] == 3:
+            raise ValueError("one odd page")
+        return real(self, doc)
+
+    monkeypatch.setattr(filters.FineWebQualityFilter, "filter", rarely_broken)
+    data_stage.run(_cfg(tmp_path, inputs, inputs=[str(inputs / "dolma-*")], force=True))
+    stats = json.loads((tmp_path / "runs/t/data/stats.json").read_text())
+    assert stats["steps"]["fineweb"]["dropped"]["error:ValueError"] == 1
+    check_funnel(stats)
