@@ -248,3 +248,20 @@ def test_a_filter_that_raises_fails_the_run_naming_it(tmp_path, inputs, monkeypa
     stats = json.loads((tmp_path / "runs/t/data/stats.json").read_text())
     assert stats["steps"]["fineweb"]["dropped"]["error:ValueError"] == 1
     check_funnel(stats)
+
+
+def test_another_extractor_version_redoes_tasks(tmp_path, inputs, monkeypatch):
+    """A task made with one extractor version is not reused under another (trafilatura 1.x and 2.x give
+    different text): the version is part of the settings fingerprint, and stats.json records it."""
+    from chatforge.data import extract
+
+    cfg = _cfg(tmp_path, inputs, inputs=[str(inputs / "whirlwind.warc.gz")])
+    data_stage.run(cfg)
+    d = tmp_path / "runs/t/data"
+    before = json.loads((d / "tasks/00000.json").read_text())["fingerprint"]
+    assert json.loads((d / "stats.json").read_text())["extractor_version"] == extract.extractor_version("resiliparse")
+    (d / "DONE").unlink()
+    monkeypatch.setattr(extract, "extractor_version", lambda name: "0.0.1")
+    data_stage.run(_cfg(tmp_path, inputs, inputs=cfg.inputs, force=False))
+    assert json.loads((d / "tasks/00000.json").read_text())["fingerprint"] != before
+    assert json.loads((d / "stats.json").read_text())["extractor_version"] == "0.0.1"

@@ -69,6 +69,7 @@ def run(cfg: DataConfig) -> dict:
         return read_done(out)
     _check(cfg)
     from chatforge.data.executor import make_executor
+    from chatforge.data.extract import extractor_version, fineweb_trafilatura
     from chatforge.data.pipeline import completed_task, dedup_and_write, run_stats, run_task, settings_fingerprint
     from chatforge.data.report import STATS, funnel_table
     from chatforge.data.warc import expand_inputs
@@ -87,7 +88,13 @@ def run(cfg: DataConfig) -> dict:
             shutil.rmtree(d, ignore_errors=True)
     with stage_run(cfg, "data") as srun:
         tasks_dir.mkdir(parents=True, exist_ok=True)
-        fp = settings_fingerprint(cfg, {"blocklist": blocklist})
+        # the extractor's version changes the text, so it is part of what a finished task was made with
+        version = extractor_version(cfg.extractor)
+        fp = settings_fingerprint(cfg, {"blocklist": blocklist, "extractor_version": version})
+        if cfg.extractor == "trafilatura" and not fineweb_trafilatura(version):
+            log0(f"data: note: trafilatura {version} is outside the range FineWeb's pipeline used (>=1.8,<1.12, "
+                 f"datatrove's pin); its text layout differs, so the filters keep a different set. For FineWeb's "
+                 f"selection: pip install 'trafilatura>=1.8,<1.12'")
         tasks = [{"index": i, "input": p, "tasks_dir": str(tasks_dir), "cfg": cfg, "blocklist": blocklist,
                   "fingerprint": fp} for i, p in enumerate(inputs)]
         results: dict[int, dict] = {}
@@ -99,7 +106,7 @@ def run(cfg: DataConfig) -> dict:
             else:
                 pending.append(t)
         log0(f"data: {len(inputs)} input file(s), {len(results)} already done, {len(pending)} to process "
-             f"with {min(workers, max(1, len(pending)))} {cfg.executor} worker(s); extractor {cfg.extractor}, "
+             f"with {min(workers, max(1, len(pending)))} {cfg.executor} worker(s); extractor {cfg.extractor} {version}, "
              f"languages {','.join(cfg.languages) or 'any'} >= {cfg.lang_threshold}")
         t0 = time.time()
         executor = make_executor(cfg.executor, workers, cfg.ray_address)
@@ -122,6 +129,7 @@ def run(cfg: DataConfig) -> dict:
         wall = time.time() - t0
         stats = run_stats([results[i]["stats"] for i in sorted(results)], d, cfg, inputs=inputs, wall=wall,
                           task_seconds=task_seconds, workers=workers)
+        stats["extractor_version"] = version
         docs_in = stats["docs_in"]
         write_json(out / STATS, stats)
         srun.log(event="done", docs_in=docs_in, docs_out=d["out"], wall_seconds=round(wall, 2),
