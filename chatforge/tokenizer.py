@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -232,6 +233,61 @@ class Tokenizer:
         if bos:
             out = [[self.bos_id, *ids] for ids in out]
         return out
+
+    def encode_stream(self, texts: Iterable[str], num_threads: int = 0, bos: bool = False,
+                      batch_chars: int = 1 << 20, batch_docs: int = 4096) -> Iterator[list[int]]:
+        """The ids of each text of an iterable, in order, for corpora bigger than memory: the same lists as
+        `[self.encode(t, bos=bos) for t in texts]`, produced lazily. Texts are gathered into batches of about
+        `batch_chars` characters (at most `batch_docs` texts); a batch is encoded on the thread pool (in
+        contiguous chunks, as `encode_batch`) while the next one is read from `texts`, and its ids are yielded
+        before a third batch is read. So at most two batches, texts and ids, are alive at once: memory is
+        ~2 x (batch_chars + its ids), whatever the corpus size. Typical use, a corpus read lazily:
+
+            for ids in tok.encode_stream((d.text for d in read_documents(files)), bos=True):
+                writer.add(ids)
+        """
+        encode = self.enc.encode_ordinary
+        threads = num_threads or physical_cores()
+        if threads == 1:
+            for text in texts:
+                ids = encode(text)
+                yield [self.bos_id, *ids] if bos else ids
+            return
+
+        def batches() -> Iterator[list[str]]:
+            batch: list[str] = []
+            size = 0
+            for text in texts:
+                batch.append(text)
+                size += len(text)
+                if size >= batch_chars or len(batch) >= batch_docs:
+                    yield batch
+                    batch, size = [], 0
+            if batch:
+                yield batch
+
+        def encode_chunk(chunk: list[str]) -> list[list[int]]:
+            return [encode(t) for t in chunk]
+
+        pending: deque = deque()  # batches submitted, each a list of futures (one per chunk), oldest first
+        with ThreadPoolExecutor(threads) as pool:
+            try:
+                for batch in batches():
+                    size = -(-len(batch) // (4 * threads))  # ~4 chunks per thread evens out long documents
+                    pending.append([pool.submit(encode_chunk, batch[i:i + size]) for i in range(0, len(batch), size)])
+                    del batch  # the futures hold the chunks; nothing else may keep the batch alive
+                    while len(pending) > 1:  # one batch stays in flight while the previous one is yielded
+                        for future in pending.popleft():
+                            for ids in future.result():
+                                yield [self.bos_id, *ids] if bos else ids
+                while pending:
+                    for future in pending.popleft():
+                        for ids in future.result():
+                            yield [self.bos_id, *ids] if bos else ids
+            finally:  # the consumer stopped early (or an error): do not encode what nobody will read
+                for futures in pending:
+                    for future in futures:
+                        future.cancel()
 
     def encode_bytes(self, data: bytes) -> list[int]:
         """Arbitrary bytes (not necessarily UTF-8) to ids; decode_bytes inverts it exactly.
