@@ -106,7 +106,8 @@ def run(cfg: DataConfig) -> dict:
             else:
                 pending.append(t)
         log0(f"data: {len(inputs)} input file(s), {len(results)} already done, {len(pending)} to process "
-             f"with {min(workers, max(1, len(pending)))} {cfg.executor} worker(s); extractor {cfg.extractor} {version}, "
+             f"with {min(workers, max(1, len(pending)))} {cfg.executor} worker(s); "
+             f"extractor {cfg.extractor} {version}, "
              f"languages {','.join(cfg.languages) or 'any'} >= {cfg.lang_threshold}")
         t0 = time.time()
         executor = make_executor(cfg.executor, workers, cfg.ray_address)

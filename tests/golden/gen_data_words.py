@@ -85,7 +85,8 @@ def check_golden(root: Path) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="compare with tests/test_data_words.py; exit 1 on a difference")
+    ap.add_argument("--check", action="store_true",
+                    help="compare with tests/test_data_words.py; exit 1 on a difference")
     args = ap.parse_args()
     root = data_root()
     if args.check:
