@@ -195,7 +195,8 @@ def filter_parity(paths: list[str], extractor: str) -> dict:
             if not text.strip():
                 out[rid] = ("extract:empty", "extract:empty")
                 continue
-            out[rid] = (decide(theirs, Document(text=text, id=page.id), cf.reason_from_datatrove), decide(ours, Doc(text)))
+            out[rid] = (decide(theirs, Document(text=text, id=page.id), cf.reason_from_datatrove),
+                        decide(ours, Doc(text)))
     return out, urls
 
 
@@ -321,6 +322,8 @@ def main() -> int:
     ap.add_argument("--skip_datatrove", action="store_true")
     ap.add_argument("--filters_only", action="store_true", help="only the live parity checks against datatrove")
     ap.add_argument("--skip_parity", action="store_true")
+    ap.add_argument("--skip_extras", action="store_true",
+                    help="skip the extraction agreement and dedup index measurements (all shared WARCs, slow)")
     ap.add_argument("--timeout", type=float, default=2.0,
                     help="per-page extraction timeout in seconds, the same on both sides (chatforge's default; "
                          "datatrove's is 1 s, which a loaded machine trips on healthy pages)")
@@ -350,11 +353,13 @@ def main() -> int:
         def cold(name: str) -> str:
             return os.path.join(tmp, f"cache-{name}")  # a fresh, empty folder: chatforge's caches start cold
 
-        if not args.skip_datatrove:
-            res["datatrove"] = spawn("datatrove", "datatrove", inputs, in_dir, tmp, cold("datatrove"), args.timeout)
-        res["trafilatura"] = spawn("trafilatura", "trafilatura", inputs, in_dir, tmp, cold("trafilatura"), args.timeout)
-        res["resiliparse"] = spawn("resiliparse", "resiliparse", inputs, in_dir, tmp, cold("resiliparse"), args.timeout)
-        res["resiliparse_warm"] = spawn("resiliparse", "resiliparse_warm", inputs, in_dir, tmp, cold("resiliparse"), args.timeout)
+        runs = [("datatrove", "datatrove", "datatrove")] * (not args.skip_datatrove) + [
+            ("trafilatura", "trafilatura", "trafilatura"), ("resiliparse", "resiliparse", "resiliparse"),
+            ("resiliparse", "resiliparse_warm", "resiliparse")]  # the last reuses the cache the one before filled
+        for kind, label, cache in runs:
+            res[label] = spawn(kind, label, inputs, in_dir, tmp, cold(cache), args.timeout)
+            print(f"{label}: {res[label]['docs_read']} docs read, {len(res[label]['kept_ids'])} kept, "
+                  f"{res[label]['wall']:.1f} s", flush=True)
         if not args.skip_datatrove:
             from datatrove.pipeline.readers import WarcReader
 
@@ -392,7 +397,8 @@ def main() -> int:
             print(f"WARNING: datatrove's extractor timed out on {res['datatrove']['timeouts']} of "
                   f"{res['datatrove']['docs_read']} pages: its numbers are not valid (an overloaded machine?)\n")
             failures += 1
-        print(f"\n**chatforge vs datatrove, same extractor: {res['trafilatura']['rate'] / res['datatrove']['rate']:.2f}x "
+        ratio = res["trafilatura"]["rate"] / res["datatrove"]["rate"]
+        print(f"\n**chatforge vs datatrove, same extractor: {ratio:.2f}x "
               f"docs/s/core**; kept sets on the pages both read: Jaccard {jac:.3f}. Datatrove's extractor timed out "
               f"on {res['datatrove'].get('timeouts', 0)} pages; its reader passed {len(both_read)} pages (ours "
               f"{res['trafilatura']['docs_read']}).\n")
@@ -400,7 +406,8 @@ def main() -> int:
         print(head)
         print(row("resiliparse"))
         print(row("resiliparse_warm"))
-        print(f"\nchatforge resiliparse vs datatrove trafilatura: {res['resiliparse']['rate'] / res['datatrove']['rate']:.1f}x "
+        cold_ratio = res["resiliparse"]["rate"] / res["datatrove"]["rate"]
+        print(f"\nchatforge resiliparse vs datatrove trafilatura: {cold_ratio:.1f}x "
               f"docs/s/core cold, {res['resiliparse_warm']['rate'] / res['datatrove']['rate']:.1f}x with the blocklist "
               f"cache warm (a second run on the same machine)\n")
         print("Kept-document overlap (A, B: the sets of kept WARC records):\n")
@@ -429,7 +436,8 @@ def main() -> int:
                 print("|---|---|---|---|---|")
                 for u in odd:
                     who = "chatforge" if u in ours else "datatrove"
-                    print(f"| {urls[u]} | {who} | {'yes' if u in both_read else 'no'} | {parity[u][0]} | {parity[u][1]} |")
+                    reads = "yes" if u in both_read else "no"
+                    print(f"| {urls[u]} | {who} | {reads} | {parity[u][0]} | {parity[u][1]} |")
     else:
         print(head)
         for k in ("trafilatura", "resiliparse", "resiliparse_warm"):
@@ -438,6 +446,8 @@ def main() -> int:
 
     print("\nchatforge (resiliparse) funnel:\n")
     print(funnel_table(res["resiliparse"]["stats"]))
+    if args.skip_extras:
+        return report_failures(failures)
     web = sorted(str(p) for p in (root / "web").glob("*.warc.gz"))
     agree = extraction_agreement(web)
     print(f"\nExtraction agreement, resiliparse vs trafilatura, {agree['pages']} pages (first 60 of each shared "
@@ -448,6 +458,10 @@ def main() -> int:
     print(f"\nDedup index: {dd['bytes_per_doc']:.0f} bytes/doc measured over {dd['docs']} docs (formula "
           f"{dd['formula']}); MinHash signatures {dd['signatures_docs_s']:.0f} docs/s; clustering "
           f"{dd['cluster_s'] * 1000:.0f} ms; {dd['exact']} exact + {dd['near']} near duplicates")
+    return report_failures(failures)
+
+
+def report_failures(failures: int) -> int:
     if failures:
         print(f"\nFAILED: {failures} check(s) above (parity with datatrove, golden values, datatrove timeouts)")
     return 1 if failures else 0
