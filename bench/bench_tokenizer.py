@@ -284,7 +284,8 @@ def main(argv=None) -> int:
     import tokenizers
 
     from chatforge.common import data_dir, physical_cores
-    from chatforge.tokenizer import PATTERNS, SPECIAL_TOKENS, CorpusStats, Tokenizer, iter_documents
+    from chatforge.corpus import CorpusStats, iter_documents
+    from chatforge.tokenizer import PATTERNS, SPECIAL_TOKENS, Tokenizer
 
     cores = physical_cores()
     if args.threads > cores:

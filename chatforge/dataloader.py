@@ -130,7 +130,7 @@ def build_token_shards(out_dir: str | os.PathLike, tok, corpus: list[str | Path]
     files or globs for chatforge.tokenizer.expand_corpus (a list it already returned passes through
     unchanged); `run` (a stage config) resolves `stage:NAME` entries. The train split's token counts
     are stored too (`train_token_counts`), for the unigram baseline."""
-    from chatforge.tokenizer import CorpusStats, expand_corpus, read_documents
+    from chatforge.corpus import CorpusStats, expand_corpus, read_documents
 
     out_dir = Path(out_dir)
     if not corpus:

@@ -158,7 +158,7 @@ def test_turning_dedup_on_redoes_tasks(tmp_path, inputs):
 
 def test_stage_data_corpus_entry(tmp_path, inputs):
     from chatforge.common import ChatforgeError
-    from chatforge.tokenizer import expand_corpus, iter_documents
+    from chatforge.corpus import expand_corpus, iter_documents
 
     cfg = _cfg(tmp_path, inputs, inputs=[str(inputs / "dolma-*"), str(inputs / "whirlwind.warc.gz")])
     with pytest.raises(ChatforgeError, match="not complete"):
@@ -212,3 +212,56 @@ def test_word_counts_follow_each_step_that_rewrites_text(tmp_path):
     assert steps["c4"]["words_out"] == len(text.split()) - 1            # the one-word line "Menu" is gone
     assert steps["pii"]["words_in"] == steps["c4"]["words_out"]
     assert steps["pii"]["words_out"] == len(doc.text.split()) == steps["c4"]["words_out"] - 4
+
+
+def test_a_filter_that_raises_fails_the_run_naming_it(tmp_path, inputs, monkeypatch):
+    """A bug in a filter must not turn into a silent `error:X` drop of every document: past a small
+    threshold the run stops with one error naming the step, the filter and the first exception. A rare
+    error (one document) is still counted and skipped."""
+    from chatforge.common import ChatforgeError
+    from chatforge.data import filters
+
+    real = filters.FineWebQualityFilter.filter
+
+    def broken(self, doc):
+        return 1 / 0
+
+    monkeypatch.setattr(filters.FineWebQualityFilter, "filter", broken)
+    cfg = _cfg(tmp_path, inputs, inputs=[str(inputs / "dolma-*")])
+    with pytest.raises(ChatforgeError, match=r"step 'fineweb' \(FineWebQualityFilter\) raised on 11 of the 11 "
+                                             r"documents.*ZeroDivisionError: division by zero at test_data_stage"):
+        data_stage.run(cfg)
+    assert not (tmp_path / "runs/t/data/DONE").exists()
+    assert main(["data", "process", "--runs_dir", str(tmp_path / "runs"), "--run", "cli", "--inputs",
+                 str(inputs / "dolma-*"), "--workers", "1", "--languages", "", "--lang_threshold", "0"]) == 2
+
+    seen = {"n": 0}
+
+    def rarely_broken(self, doc):
+        seen["n"] += 1
+        if seen["n"] == 3:
+            raise ValueError("one odd page")
+        return real(self, doc)
+
+    monkeypatch.setattr(filters.FineWebQualityFilter, "filter", rarely_broken)
+    data_stage.run(_cfg(tmp_path, inputs, inputs=[str(inputs / "dolma-*")], force=True))
+    stats = json.loads((tmp_path / "runs/t/data/stats.json").read_text())
+    assert stats["steps"]["fineweb"]["dropped"]["error:ValueError"] == 1
+    check_funnel(stats)
+
+
+def test_another_extractor_version_redoes_tasks(tmp_path, inputs, monkeypatch):
+    """A task made with one extractor version is not reused under another (trafilatura 1.x and 2.x give
+    different text): the version is part of the settings fingerprint, and stats.json records it."""
+    from chatforge.data import extract
+
+    cfg = _cfg(tmp_path, inputs, inputs=[str(inputs / "whirlwind.warc.gz")])
+    data_stage.run(cfg)
+    d = tmp_path / "runs/t/data"
+    before = json.loads((d / "tasks/00000.json").read_text())["fingerprint"]
+    assert json.loads((d / "stats.json").read_text())["extractor_version"] == extract.extractor_version("resiliparse")
+    (d / "DONE").unlink()
+    monkeypatch.setattr(extract, "extractor_version", lambda name: "0.0.1")
+    data_stage.run(_cfg(tmp_path, inputs, inputs=cfg.inputs, force=False))
+    assert json.loads((d / "tasks/00000.json").read_text())["fingerprint"] != before
+    assert json.loads((d / "stats.json").read_text())["extractor_version"] == "0.0.1"

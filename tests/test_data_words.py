@@ -1,9 +1,10 @@
 """Word splitting and the quality filters against FineWeb's reference, datatrove 0.10 (spaCy 3.8 word
 splitting), on real text from the shared data folder.
 
-The expected values below were computed with datatrove's own filter objects and `split_into_words`
-(see bench/bench_data.py --filters_only for the live comparison), so these tests run without datatrove;
-the last test repeats the comparison live where datatrove is installed."""
+The expected values below (SPACY_WORDS, DATATROVE_DROPS) were computed with datatrove's own filter objects
+and `split_into_words`, so these tests run without datatrove. tests/golden/gen_data_words.py regenerates
+them from datatrove + spaCy (`--check` compares with the values here; bench/bench_data.py runs that check
+live), and the last test repeats the comparison live where datatrove is installed (the bench venv)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from chatforge.data.filters import (C4QualityFilter, FineWebQualityFilter, Gophe
 from chatforge.data.words import count_sentences, is_symbol, split_words, tokenize_chunk
 
 
-def _digest(tokens: list[str]) -> str:
+def words_digest(tokens: list[str]) -> str:
     return hashlib.sha1("\x00".join(tokens).encode()).hexdigest()[:16]
 
 
@@ -47,26 +48,36 @@ def test_tokenize_chunk_like_spacy(chunk, tokens):
     assert tokenize_chunk(chunk) == tokens
 
 
+# spaCy 3.8's `spacy.blank("en")` tokens (through datatrove 0.10's split_into_words) of the first six
+# python-docs pages, raw HTML as decoded: (count, words_digest). Regenerate: tests/golden/gen_data_words.py.
+SPACY_WORDS = {
+    "https://docs.python.org/3.11/about.html": (1957, "f1e73e8cf1920543"),
+    "https://docs.python.org/3.11/bugs.html": (2839, "edd36f3ba4927ca1"),
+    "https://docs.python.org/3.11/c-api/abstract.html": (2228, "f0406e03c5a8461b"),
+    "https://docs.python.org/3.11/c-api/allocation.html": (3063, "39394cc4c4b478b9"),
+    "https://docs.python.org/3.11/c-api/apiabiversion.html": (2690, "b0a40c59dc2acda7"),
+    "https://docs.python.org/3.11/c-api/arg.html": (14997, "69ee525981f764f7"),
+}
+
+
+def spacy_pages(root, n: int = 6) -> list[tuple[str, str]]:
+    """(url, decoded raw HTML) of the first n python-docs pages: input that depends on no extractor version."""
+    from chatforge.data.warc import decode_html, iter_pages
+
+    return [(p.url, decode_html(p.html, p.charset)[0])
+            for p in islice(iter_pages(str(root / "web" / "python-docs.warc.gz")), n)]
+
+
 def test_split_words_matches_spacy_on_raw_html(shared_data):
     """Raw HTML is the hardest input (markup, scripts, entities); the decoded pages do not depend on any
     extractor version. Token counts and digests are spaCy 3.8's `spacy.blank("en")` tokens."""
     pytest.importorskip("fastwarc")
-    from chatforge.data.warc import decode_html, iter_pages
-
-    expected = {
-        "https://docs.python.org/3.11/about.html": (1957, "f1e73e8cf1920543"),
-        "https://docs.python.org/3.11/bugs.html": (2839, "edd36f3ba4927ca1"),
-        "https://docs.python.org/3.11/c-api/abstract.html": (2228, "f0406e03c5a8461b"),
-        "https://docs.python.org/3.11/c-api/allocation.html": (3063, "39394cc4c4b478b9"),
-        "https://docs.python.org/3.11/c-api/apiabiversion.html": (2690, "b0a40c59dc2acda7"),
-        "https://docs.python.org/3.11/c-api/arg.html": (14997, "69ee525981f764f7"),
-    }
-    for page in islice(iter_pages(str(shared_data / "web" / "python-docs.warc.gz")), 6):
-        words = split_words(decode_html(page.html, page.charset)[0])
-        assert (len(words), _digest(words)) == expected[page.url], page.url
+    for url, text in spacy_pages(shared_data):
+        words = split_words(text)
+        assert (len(words), words_digest(words)) == SPACY_WORDS[url], url
 
 
-def _shared_texts(root) -> list[str]:
+def shared_texts(root) -> list[str]:
     c4 = [json.loads(line)["text"] for line in open(root / "text" / "c4_demo.jsonl", encoding="utf-8")]
     wiki = [line for line in (root / "text" / "wiki_demo.txt").read_text(encoding="utf-8").split("\n") if line.strip()]
     return c4 + wiki
@@ -89,6 +100,7 @@ def _chain(text: str) -> str:
 # datatrove 0.10.1's GopherRepetitionFilter -> GopherQualityFilter -> C4QualityFilter(filter_no_terminal_punct=
 # False) -> FineWebQualityFilter on text/c4_demo.jsonl (0-299) then text/wiki_demo.txt's articles (300-329):
 # the first rule that drops each document (datatrove's reason names mapped to ours); the other 215 are kept.
+# Regenerate: tests/golden/gen_data_words.py.
 DATATROVE_DROPS = {
     "c4:too_few_sentences": [5, 29, 35, 39, 103, 110, 112, 125, 136, 165, 187, 189, 204, 209, 244, 257, 265, 274,
                              277, 293, 295],
@@ -109,7 +121,7 @@ DATATROVE_DROPS = {
 
 
 def test_filter_chain_decisions_match_datatrove(shared_data):
-    texts = _shared_texts(shared_data)
+    texts = shared_texts(shared_data)
     assert len(texts) == 330
     expected = ["kept"] * len(texts)
     for reason, idx in DATATROVE_DROPS.items():

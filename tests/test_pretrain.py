@@ -24,7 +24,8 @@ from chatforge.dataloader import PackedLoader, TokenStream, build_token_shards, 
 from chatforge.model import GPT, ModelConfig
 from chatforge.optim import build_optimizer, lr_multiplier, muon_momentum
 from chatforge.stages import pretrain
-from chatforge.tokenizer import Tokenizer, iter_documents
+from chatforge.corpus import iter_documents
+from chatforge.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = ["text/tinyshakespeare.txt.gz", "text/c4_demo.jsonl"]

@@ -61,7 +61,7 @@ def test_reads_the_documents_the_tokenizer_reads(tmp_path, shard):
     and pretraining, whatever the format (a JSON list and gzipped text included)."""
     import gzip
 
-    from chatforge.tokenizer import iter_documents
+    from chatforge.corpus import iter_documents
 
     (tmp_path / "list.json").write_text(json.dumps([{"question": "Why is the sky blue?", "answer": "Rayleigh."}]))
     with gzip.open(tmp_path / "book.txt.gz", "wt", encoding="utf-8") as f:
@@ -79,7 +79,7 @@ def test_document_boundaries_and_record_fields(tmp_path):
     """What one document is, written out by hand: blank lines (CRLF files too) separate paragraphs; a file
     without blank lines (a trailing one does not count) is one document per line; a record's 'content' is
     its text, not its url/title; whitespace-only records are bad records, not empty documents."""
-    from chatforge.tokenizer import CorpusStats, iter_documents
+    from chatforge.corpus import CorpusStats, iter_documents
 
     (tmp_path / "book.txt").write_bytes(b"Para one, line 1\r\nline 2\r\n\r\nPara two.\r\n")
     (tmp_path / "lines.txt").write_text("Article one.\nArticle two.\nArticle three.\n\n")

@@ -7,14 +7,15 @@ import gzip
 import hashlib
 import json
 import os
-import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatforge.common import ChatforgeError
-from chatforge.tokenizer import SPECIAL_TOKENS, Tokenizer, iter_documents
+from chatforge.corpus import iter_documents
+from chatforge.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,36 +309,6 @@ def test_corpus_too_small_for_vocab():
         Tokenizer.train(["ab ab ab"], vocab_size=4096)
 
 
-def test_missing_and_non_utf8_corpus(tmp_path):
-    with pytest.raises(ChatforgeError, match="nope.txt' not found"):
-        list(iter_documents([str(tmp_path / "nope.txt")]))
-    bad = tmp_path / "latin1.txt"
-    bad.write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
-    with pytest.raises(ChatforgeError, match=re.escape(str(bad)) + ".*not valid UTF-8"):
-        list(iter_documents([str(bad)]))
-    with pytest.raises(ChatforgeError, match="matches no file"):
-        list(iter_documents([str(tmp_path / "*.parquet")]))
-
-
-def test_json_list_corpus(tmp_path):
-    f = tmp_path / "docs.json"
-    f.write_text('\n  [{"text": "one"}, {"question": "q?", "answer": "a"}]')
-    assert list(iter_documents([str(f)])) == ["one", "q?\na"]
-    f.write_text('[{"text": "one"},')
-    with pytest.raises(ChatforgeError, match="docs.json' is not valid JSON"):
-        list(iter_documents([str(f)]))
-
-
-def test_bad_jsonl_records_are_skipped_and_counted(tmp_path):
-    from chatforge.tokenizer import CorpusStats
-
-    f = tmp_path / "docs.jsonl"
-    f.write_text('{"text": "good one"}\nnot json at all\n{"text": ""}\n{"text": "good two"}\n')
-    stats = CorpusStats()
-    assert list(iter_documents([str(f)], stats=stats)) == ["good one", "good two"]
-    assert stats.bad_records == 2 and stats.documents == 2
-
-
 @pytest.mark.parametrize("corruption", ["garbage", "bad_base64", "bad_meta", "empty"])
 def test_corrupt_tokenizer_files(trained, tmp_path, corruption):
     trained.save(tmp_path)
@@ -373,3 +344,90 @@ def test_gpt2_merges_must_follow_vocab(shared_data, tmp_path):
     (tmp_path / "merges.txt").write_text("Ġ t\nthis-is-not-a-merge\n")
     with pytest.raises(ChatforgeError, match="merges.txt' line 2"):
         Tokenizer.load(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming encode
+
+
+def test_encode_stream_equals_encode_on_a_large_real_corpus(gpt2, trained, shared_data):
+    """`encode_stream` over ~5.6 MB of real documents (GSM8K train, Wikipedia, Shakespeare), fed as a
+    generator and cut into many small batches, gives exactly `encode` of each document, in order."""
+    files = [str(shared_data / f) for f in ("math/gsm8k/train.jsonl", "text/wiki_demo.txt",
+                                            "text/tinyshakespeare.txt.gz")]
+    docs = list(iter_documents(files, doc_chars=0))
+    assert len(docs) > 9000 and sum(map(len, docs)) > 5_000_000
+    expected = [gpt2.encode(d) for d in docs]
+    got = list(gpt2.encode_stream(iter_documents(files, doc_chars=0), num_threads=2, batch_chars=200_000))
+    assert got == expected
+    for threads in (1, 2):  # the one-thread path and the pool, with <|bos|> before each document
+        assert list(trained.encode_stream(iter(docs[:2000]), num_threads=threads, bos=True, batch_docs=64)) == [
+            trained.encode(d, bos=True) for d in docs[:2000]]
+    assert list(gpt2.encode_stream([], num_threads=2)) == []
+
+
+def test_encode_stream_holds_at_most_two_batches(trained, shared_data):
+    """Boundedness, counted rather than timed: the stream never reads more than two batches of texts ahead of
+    what it has yielded (a reader that took the whole input first would be 29,999 ahead)."""
+    base = list(iter_documents([str(shared_data / "math/gsm8k/test.jsonl")]))
+    produced = 0
+
+    def texts():
+        nonlocal produced
+        for i in range(30_000):
+            produced += 1
+            yield f"{i} {base[i % len(base)]}"
+
+    ahead = 0
+    for n, ids in enumerate(trained.encode_stream(texts(), num_threads=2, batch_docs=100, batch_chars=10**9), 1):
+        ahead = max(ahead, produced - n)
+        assert ids == trained.encode(f"{n - 1} {base[(n - 1) % len(base)]}")
+        if n == 20_000:
+            break
+    assert 100 <= ahead <= 200
+
+
+STREAM_RSS = """
+import json, resource, sys
+from chatforge.corpus import iter_documents
+from chatforge.tokenizer import Tokenizer
+
+tok = Tokenizer.load(sys.argv[1])
+base = list(iter_documents([sys.argv[2]]))
+list(tok.encode_stream(base[:2000], num_threads=2))  # warm: thread pool, tiktoken's caches
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+chars = tokens = 0
+
+def texts():
+    global chars
+    i = 0
+    while chars < int(sys.argv[3]):
+        t = f"{i} {base[i % len(base)]}"
+        chars += len(t)
+        i += 1
+        yield t
+
+for ids in tok.encode_stream(texts(), num_threads=2):
+    tokens += len(ids)
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+print(json.dumps({"grown_mb": grown, "chars": chars, "tokens": tokens}))
+"""
+
+
+@pytest.mark.slow
+def test_encode_stream_memory_stays_flat(shared_data, tmp_path):
+    """The effect on the host: streaming 40 MB of text (~10 M tokens: their id lists alone would take
+    ~300 MB) grows the peak RSS of a fresh process by less than 40 MB."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "stream_rss.py"
+    script.write_text(STREAM_RSS)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, str(script), str(shared_data / "tokenizers/gpt2"),
+                          str(shared_data / "math/gsm8k/test.jsonl"), str(40_000_000)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["chars"] >= 40_000_000 and res["tokens"] > 8_000_000
+    assert res["grown_mb"] < 40, res

@@ -6,7 +6,11 @@ Two extractors, speed against precision (the user's choice, `--extractor`):
   hundreds of pages per second per core.
 - `trafilatura`: FineWeb's choice (`favor_precision=True`, as in FineWeb's published pipeline);
   more precise boilerplate removal, about 20x slower. Pure Python over lxml, so a per-document
-  timeout guards against pathological pages.
+  timeout guards against pathological pages. FineWeb's selection was made with trafilatura 1.x
+  (datatrove pins `trafilatura>=1.8,<1.12`); 2.x lays text out differently (it joins a `<dt>` and its
+  `<dd>` on one line, among others), and the line- and word-based filters then keep another set
+  (bench/RESULTS.md: Jaccard 0.57 against datatrove with 2.3.1, 0.99 with 1.11). The `data` extra pins
+  datatrove's range; `extractor_version` is recorded with every run and is part of its fingerprint.
 
 Both return plain text with one block (paragraph, heading, list item) per line, which is what the
 line-based quality filters (C4, FineWeb, Gopher) expect.
@@ -24,6 +28,34 @@ import numpy as np
 from chatforge.data.warc import decode_html
 
 EXTRACTORS = ("resiliparse", "trafilatura")
+FINEWEB_TRAFILATURA = (1, 8), (1, 12)  # the range datatrove 0.10 pins: [1.8, 1.12)
+
+
+def extractor_version(extractor: str) -> str:
+    """The installed version of the library behind `extractor` ('' when it is not installed).
+
+    >>> extractor_version("resiliparse") != ""
+    True
+    """
+    from importlib import metadata
+
+    try:
+        return metadata.version({"resiliparse": "resiliparse", "trafilatura": "trafilatura"}[extractor])
+    except (KeyError, metadata.PackageNotFoundError):
+        return ""
+
+
+def fineweb_trafilatura(version: str) -> bool:
+    """Whether a trafilatura version is in the range FineWeb's reference pipeline (datatrove) pins.
+
+    >>> fineweb_trafilatura("1.11.0"), fineweb_trafilatura("2.3.1")
+    (True, False)
+    """
+    try:
+        v = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return False
+    return FINEWEB_TRAFILATURA[0] <= v < FINEWEB_TRAFILATURA[1]
 
 
 class ExtractionTimeout(Exception):

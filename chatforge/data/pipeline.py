@@ -7,7 +7,9 @@ Every document that enters a step either leaves it or is dropped under a named r
 step `in == out + sum(dropped)`; the stats also hold seconds and words per step (words are
 whitespace-separated tokens of the extracted text; before extraction there is no text to count).
 A document that makes a step raise is dropped under `error:<ExceptionType>`: a long job never dies on
-one bad record.
+one bad record. But a step that raises is a bug (ours or a library's), not bad input, so once a step's
+errors in a task pass `MAX_STEP_ERRORS` and `MAX_STEP_ERROR_SHARE` of the documents it saw, the task
+fails with one error naming the step and the first exception: data is never dropped silently en masse.
 
 Outputs of task i in `<stage>/tasks/` (each written atomically; the marker last):
     i.staged        parquet: the output schema + `exact_hash`, `band_keys` for the dedup phase
@@ -23,6 +25,7 @@ import json
 import os
 import random
 import time
+import traceback
 from collections import Counter, defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -63,6 +66,12 @@ _NOT_IN_FINGERPRINT = {"run", "runs_dir", "device", "threads", "force", "workers
                        "shard_docs", "sample_dropped"}
 _FLUSH_DOCS = 500  # staged rows per parquet row group: bounds a worker's memory
 _FILE_LEVEL = ("skip:malformed_file", "skip:unreadable_file", "skip:empty_file")  # iter_pages' per-file keys
+# A step that raises on more than this many documents of a task AND on more than this share of the documents
+# it saw fails the task. One odd page in a million is counted and skipped; a filter that raises on every page
+# (a bug, a missing dependency: without lxml_html_clean every trafilatura call raises ImportError) stops the run
+# after 11 pages instead of "keeping" nothing.
+MAX_STEP_ERRORS = 10
+MAX_STEP_ERROR_SHARE = 0.01
 
 
 def settings_fingerprint(cfg: Any, extra: dict | None = None) -> str:
@@ -128,6 +137,9 @@ class TaskRunner:
         self.hasher = MinHasher(cfg.minhash_ngram, cfg.minhash_bands, cfg.minhash_rows)
         self.stats = empty_stats()
         self.samples: dict[tuple[str, str], list] = defaultdict(list)
+        self.errors: Counter = Counter()  # step -> documents that made it raise
+        self.first_error: dict[str, str] = {}  # step -> the first exception, for the failure message
+        self.source = ""  # the input file, for the failure message
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def _drop(self, step: str, reason: str, doc: _Doc | Page | None, words: int = 0) -> None:
@@ -138,6 +150,23 @@ class TaskRunner:
             text = doc.text if isinstance(doc, _Doc) else ""
             self.samples[key].append({"step": step, "reason": reason, "url": doc.url, "words": words,
                                       "text": (text or "")[:3000]})
+
+    def _error(self, step: str, what: Any, e: Exception, url: str) -> tuple[bool, str]:
+        """Count an exception raised by step `step` (object `what`) as an `error:<type>` drop; raise
+        ChatforgeError once the step's errors pass the limits above."""
+        self.errors[step] += 1
+        if step not in self.first_error:
+            tb = traceback.extract_tb(e.__traceback__)[-1:]
+            where = f" at {os.path.basename(tb[0].filename)}:{tb[0].lineno}" if tb else ""
+            self.first_error[step] = f"{type(e).__name__}: {str(e)[:200]}{where} (page {url})"
+        n, seen = self.errors[step], self.stats["steps"][step]["in"]
+        if n > MAX_STEP_ERRORS and n > MAX_STEP_ERROR_SHARE * seen:
+            label = what if isinstance(what, str) else type(what).__name__
+            raise ChatforgeError(
+                f"data: step '{step}' ({label}) raised on {n} of the {seen} documents it saw in "
+                f"{self.source or 'this task'}; first: {self.first_error[step]}. That is a bug or a broken install, "
+                f"not bad input: fix it (or switch the step off) and rerun; finished tasks are kept")
+        return False, f"error:{type(e).__name__}"
 
     def _enter(self, step: str, words: int = 0) -> dict:
         st = self.stats["steps"][step]
@@ -155,7 +184,7 @@ class TaskRunner:
             try:
                 res = self.url_filter.filter(page)
             except Exception as e:  # noqa: BLE001
-                res = (False, f"error:{type(e).__name__}")
+                res = self._error("url", self.url_filter, e, page.url)
             if res is not True:
                 st["seconds"] += time.perf_counter() - t
                 self._drop("url", res[1], page)
@@ -181,7 +210,7 @@ class TaskRunner:
         except (TooDeep, RecursionError):  # pathologically nested HTML
             text, reason = "", "too_deep"
         except Exception as e:  # noqa: BLE001
-            text, reason = "", f"error:{type(e).__name__}"
+            text, reason = "", self._error("extract", f"extractor {cfg.extractor}", e, page.url)[1]
         st["seconds"] += time.perf_counter() - t
         if reason:
             self._drop("extract", reason, page)
@@ -196,7 +225,7 @@ class TaskRunner:
             try:
                 res = f.filter(doc)
             except Exception as e:  # noqa: BLE001
-                res = (False, f"error:{type(e).__name__}")
+                res = self._error(name, f, e, doc.url)
             if res is True and doc.text is not text:  # C4 keeps only some lines: count what leaves
                 text = doc.text
                 doc.words = len(text.split())
@@ -225,6 +254,7 @@ class TaskRunner:
         t0 = time.perf_counter()
         counts: Counter = Counter()
         source = os.path.basename(path)
+        self.source = path
         rows: dict[str, list] = {f.name: [] for f in STAGED_SCHEMA}
         tmp = staged.with_name(f".{staged.name}.{os.getpid()}.tmp")
         writer = pq.ParquetWriter(tmp, STAGED_SCHEMA, compression="zstd")
@@ -451,6 +481,32 @@ def dedup_and_write(staged: list[Path], shards_dir: Path, cfg, log=print) -> dic
         dropped["near_duplicate"] = int((reason == 2).sum())
     return {"in": int(len(reason)), "out": int((reason == 0).sum()), "dropped": dropped,
             "words_in": words_in, "words_out": words_out, "seconds": time.perf_counter() - t0, "index_bytes": index_bytes, "shards": shards}
+
+
+def run_stats(task_stats: list[dict], dedup: dict, cfg, *, inputs: list[str], wall: float, task_seconds: float,
+              workers: int) -> dict:
+    """The whole run's stats.json: the tasks' funnels summed, the dedup phase's counts (`dedup_and_write`'s
+    result) as the last step, throughput and the settings."""
+    stats = empty_stats()
+    for part in task_stats:
+        merge_stats(stats, part)
+    dd = stats["steps"]["dedup"]
+    dd.update({"in": dedup["in"], "out": dedup["out"], "dropped": dedup["dropped"], "words_in": dedup["words_in"],
+               "words_out": dedup["words_out"]})
+    dd["seconds"] += dedup["seconds"]
+    docs_in = stats["steps"]["read"]["in"]
+    stats.update({
+        "inputs": inputs, "docs_in": docs_in, "docs_out": dedup["out"], "shards": dedup["shards"],
+        "wall_seconds": round(wall, 2), "task_phase_seconds": round(task_seconds, 2),
+        "workers": workers, "executor": cfg.executor,
+        "docs_per_second": round(docs_in / max(wall, 1e-9), 1),
+        "docs_per_second_per_core": round(docs_in / max(wall, 1e-9) / workers, 1),
+        "dedup_index_bytes": dedup["index_bytes"],
+        "dedup_index_bytes_per_doc": round(dedup["index_bytes"] / max(1, dedup["in"]), 1),
+        "schema": ", ".join(SCHEMA.names),
+        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("run", "runs_dir")},
+    })
+    return stats
 
 
 def sample_rows(shards: list[Path], k: int, seed: int = 0) -> list[dict]:

@@ -17,11 +17,8 @@ outputs (exact, then MinHash-LSH), streaming the survivors into shards; then DON
 
 from __future__ import annotations
 
-import json
-import random
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
@@ -29,8 +26,6 @@ from tqdm import tqdm
 from chatforge.common import (ChatforgeError, data_dir, data_path, is_complete, log0, physical_cores, read_done,
                               stage_dir, stage_run, write_json)
 from chatforge.config import DataConfig
-
-STATS = "stats.json"
 
 
 def _resolve_blocklist(cfg: DataConfig) -> str:
@@ -74,8 +69,10 @@ def run(cfg: DataConfig) -> dict:
         return read_done(out)
     _check(cfg)
     from chatforge.data.executor import make_executor, remove_stale_temps
-    from chatforge.data.pipeline import (check_readable, dedup_and_write, empty_stats, file_problem, merge_stats,
-                                         completed_task, run_task, settings_fingerprint)
+    from chatforge.data.extract import extractor_version, fineweb_trafilatura
+    from chatforge.data.pipeline import (check_readable, completed_task, dedup_and_write, file_problem, run_stats,
+                                         run_task, settings_fingerprint)
+    from chatforge.data.report import STATS, funnel_table
     from chatforge.data.warc import expand_inputs
 
     root = data_dir(cfg.data_dir)
@@ -94,7 +91,13 @@ def run(cfg: DataConfig) -> dict:
         tasks_dir.mkdir(parents=True, exist_ok=True)
         if n := remove_stale_temps(tasks_dir, shards_dir):
             log0(f"data: removed {n} temp file(s) left by an earlier run that was killed")
-        fp = settings_fingerprint(cfg, {"blocklist": blocklist})
+        # the extractor's version changes the text, so it is part of what a finished task was made with
+        version = extractor_version(cfg.extractor)
+        fp = settings_fingerprint(cfg, {"blocklist": blocklist, "extractor_version": version})
+        if cfg.extractor == "trafilatura" and not fineweb_trafilatura(version):
+            log0(f"data: note: trafilatura {version} is outside the range FineWeb's pipeline used (>=1.8,<1.12, "
+                 f"datatrove's pin); its text layout differs, so the filters keep a different set. For FineWeb's "
+                 f"selection: pip install 'trafilatura>=1.8,<1.12'")
         tasks = [{"index": i, "input": p, "tasks_dir": str(tasks_dir), "cfg": cfg, "blocklist": blocklist,
                   "fingerprint": fp} for i, p in enumerate(inputs)]
         results: dict[int, dict] = {}
@@ -106,7 +109,8 @@ def run(cfg: DataConfig) -> dict:
             else:
                 pending.append(t)
         log0(f"data: {len(inputs)} input file(s), {len(results)} already done, {len(pending)} to process "
-             f"with {min(workers, max(1, len(pending)))} {cfg.executor} worker(s); extractor {cfg.extractor}, "
+             f"with {min(workers, max(1, len(pending)))} {cfg.executor} worker(s); "
+             f"extractor {cfg.extractor} {version}, "
              f"languages {','.join(cfg.languages) or 'any'} >= {cfg.lang_threshold}")
         t0 = time.time()
         executor = make_executor(cfg.executor, workers, cfg.ray_address)
@@ -131,27 +135,12 @@ def run(cfg: DataConfig) -> dict:
         # phase 2: dedup across everything, then the shards
         staged = [tasks_dir / f"{i:05d}.staged" for i in sorted(results)]
         d = dedup_and_write(staged, shards_dir, cfg)
-        stats = empty_stats()
-        for i in sorted(results):
-            merge_stats(stats, results[i]["stats"])
-        dd = stats["steps"]["dedup"]
-        dd.update({"in": d["in"], "out": d["out"], "dropped": d["dropped"], "words_in": d["words_in"],
-                   "words_out": d["words_out"]})
-        dd["seconds"] += d["seconds"]
         wall = time.time() - t0
-        docs_in = stats["steps"]["read"]["in"]
-        stats.update({
-            "inputs": inputs, "docs_in": docs_in, "docs_out": d["out"], "shards": d["shards"],
-            "wall_seconds": round(wall, 2), "task_phase_seconds": round(task_seconds, 2),
-            "workers": workers, "executor": cfg.executor,
-            "docs_per_second": round(docs_in / max(wall, 1e-9), 1),
-            "docs_per_second_per_core": round(docs_in / max(wall, 1e-9) / workers, 1),
-            "input_problems": problems,
-            "dedup_index_bytes": d["index_bytes"],
-            "dedup_index_bytes_per_doc": round(d["index_bytes"] / max(1, d["in"]), 1),
-            "schema": "id, url, date, text, lang, lang_score, pii_emails, pii_ips, pii_phones, source",
-            "settings": {k: v for k, v in asdict(cfg).items() if k not in ("run", "runs_dir")},
-        })
+        stats = run_stats([results[i]["stats"] for i in sorted(results)], d, cfg, inputs=inputs, wall=wall,
+                          task_seconds=task_seconds, workers=workers)
+        stats["extractor_version"] = version
+        stats["input_problems"] = problems
+        docs_in = stats["docs_in"]
         write_json(out / STATS, stats)
         srun.log(event="done", docs_in=docs_in, docs_out=d["out"], wall_seconds=round(wall, 2),
                  docs_per_second=stats["docs_per_second"])
@@ -168,25 +157,10 @@ def run(cfg: DataConfig) -> dict:
 # Reporting
 
 
-def funnel_table(stats: dict) -> str:
-    """The funnel as a markdown table: per step, documents in/out, removed, words removed, top reasons."""
-    rows = ["| step | docs in | docs out | removed | words removed | seconds | top reasons |",
-            "|---|---:|---:|---:|---:|---:|---|"]
-    for name, st in stats["steps"].items():
-        if st["in"] == 0 and name not in ("read",):
-            continue
-        removed = st["in"] - st["out"]
-        words = (st["words_in"] - st["words_out"]) if st["words_in"] else 0
-        top = ", ".join(f"{r} {n:,}" for r, n in sorted(st["dropped"].items(), key=lambda x: -x[1])[:4])
-        rows.append(f"| {name} | {st['in']:,} | {st['out']:,} | {removed:,} | {words:,} | {st['seconds']:.1f} | "
-                    f"{top} |")
-    return "\n".join(rows)
-
-
 def inspect(run_path: str, k: int = 3, seed: int = 0, chars: int = 300) -> str:
-    """The funnel and a few random kept and dropped documents of a data stage run. `run_path` is a
-    run name (runs/<name>/data), a run folder, or the data stage folder itself."""
-    from chatforge.data.pipeline import sample_rows
+    """`chatforge data inspect`: the funnel and a few random kept and dropped documents of a data stage
+    run. `run_path` is a run name (runs/<name>/data), a run folder, or the data stage folder itself."""
+    from chatforge.data.report import STATS, inspect_report
 
     p = Path(run_path)
     cands = [p / "data", p, Path("runs") / run_path / "data"]
@@ -194,26 +168,4 @@ def inspect(run_path: str, k: int = 3, seed: int = 0, chars: int = 300) -> str:
     if d is None:
         raise ChatforgeError(f"inspect {run_path}: no {STATS} found in {', '.join(map(str, cands))}; run "
                              f"`chatforge data process --run NAME` first")
-    stats = json.loads((d / STATS).read_text())
-    lines = [f"data run {d}: {stats['docs_in']:,} documents in, {stats['docs_out']:,} kept "
-             f"({100 * stats['docs_out'] / max(1, stats['docs_in']):.1f}%), {len(stats.get('shards', []))} shard(s), "
-             f"{stats.get('docs_per_second', 0):.0f} docs/s", "", funnel_table(stats)]
-    fe = stats.get("file_errors") or {}
-    if fe:
-        lines.append("\nfile errors: " + ", ".join(f"{k} {v}" for k, v in fe.items()))
-    lines += [f"  {name}: {problem}" for name, problem in (stats.get("input_problems") or {}).items()]
-    pii = stats.get("pii", {})
-    lines.append(f"\nPII masked (e-mails / IP addresses / phone numbers): {pii.get('emails', 0)} / "
-                 f"{pii.get('ips', 0)} / {pii.get('phones', 0)}")
-    rng = random.Random(seed)
-    short = lambda t: " ".join((t or "").split())[:chars]  # noqa: E731
-    lines.append(f"\n== {k} random kept documents ==")
-    for row in sample_rows(sorted((d / "shards").glob("*.parquet")), k, seed):
-        lines.append(f"- [{row['lang']} {row['lang_score']:.2f}] {row['url']}\n  {short(row['text'])}")
-    dropped = []
-    for f in sorted((d / "tasks").glob("*.dropped.jsonl")):
-        dropped += [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-    lines.append(f"\n== {min(k, len(dropped))} random dropped documents ==")
-    for x in rng.sample(dropped, min(k, len(dropped))):
-        lines.append(f"- [{x['step']}: {x['reason']}] {x['url']}\n  {short(x['text']) or '(no text)'}")
-    return "\n".join(lines)
+    return inspect_report(d, k, seed, chars)

@@ -16,7 +16,7 @@ INDEX_FILE = "search.sqlite"
 
 
 def run(cfg: IndexConfig) -> dict:
-    from chatforge.tokenizer import expand_corpus
+    from chatforge.corpus import expand_corpus
     from chatforge.tools.search import build_index
 
     out = stage_dir(cfg, "index")

@@ -336,7 +336,7 @@ def resolve_corpus(cfg) -> list[Path]:
     """The corpus files: --corpus, else what the run's tokenizer stage read, else the run's data stage
     shards; globs and `stage:NAME` entries expanded (once: the list goes on to build_token_shards).
     A missing file is an error here, before anything is deleted or computed."""
-    from chatforge.tokenizer import expand_corpus, stage_shards
+    from chatforge.corpus import expand_corpus, stage_shards
 
     corpus = cfg.corpus
     tok_cfg = stage_dir(cfg, "tokenizer") / "config.json"

@@ -18,7 +18,8 @@ from tqdm import tqdm
 from chatforge.common import ChatforgeError, StageRun, data_path, is_complete, log0, read_done, \
     setup_threads, stage_dir, stage_run, write_json
 from chatforge.config import TokenizerConfig
-from chatforge.tokenizer import CorpusStats, Tokenizer, expand_corpus, read_documents
+from chatforge.corpus import CorpusStats, expand_corpus, read_documents
+from chatforge.tokenizer import Tokenizer
 
 # Held-out text per kind for the compression report (none of it is in the tiny training corpus).
 REPORT_TEXTS = {
@@ -36,7 +37,7 @@ def corpus_paths(cfg: TokenizerConfig) -> list[str]:
     if cfg.corpus:
         return cfg.corpus
     if is_complete(stage_dir(cfg, "data")):
-        return ["stage:data"]  # the data stage's shards (chatforge.tokenizer.expand_corpus)
+        return ["stage:data"]  # the data stage's shards (chatforge.corpus.expand_corpus)
     raise ChatforgeError("no corpus: pass --corpus FILES (or a --preset that sets one), or run the "
                          f"data stage for run '{cfg.run}' first")
 

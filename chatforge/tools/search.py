@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
 from chatforge.common import ChatforgeError
-from chatforge.tokenizer import CorpusStats, expand_corpus, read_documents
+from chatforge.corpus import CorpusStats, expand_corpus, read_documents
 
 
 @dataclass
