@@ -13,6 +13,15 @@ from chatforge.losses import (compute_entropy, get_response_log_probs, masked_me
                               sft_microbatch_train_step, tokenize_prompt_and_output)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread is fastest, and on a shared 2-core machine two threads spin."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class Ids:
     """A tokenizer whose "text" is already ids: "5 6" -> [5, 6]."""
 
