@@ -6,6 +6,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import pytest
+import torch
+
 
 @functools.lru_cache(maxsize=None)
 def real_tokenizer(data: str):
@@ -24,3 +27,13 @@ def hf_tokenizer(data: str, folder: str):
 
     real_tokenizer(data).export_hf(folder)
     return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one torch thread is fastest, and on a shared 2-core machine two threads spin (the
+    LoRA training test took 20x longer). Import this fixture into a test module to use it there."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

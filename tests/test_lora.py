@@ -12,16 +12,7 @@ from chatforge.lora import (LoRALinear, apply_lora, count_parameters, export_pef
                             lora_parameters, lora_state_dict, merge_lora)
 from chatforge.model import GPT, ModelConfig
 from engine_helpers import randomize  # tests/engine_helpers.py
-
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is fastest, and on a shared 2-core machine two threads spin (20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from sft_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 
 def tiny(**kw) -> ModelConfig:

@@ -11,15 +11,7 @@ import torch
 
 from chatforge.losses import (compute_entropy, get_response_log_probs, masked_mean, masked_normalize,
                               sft_microbatch_train_step, tokenize_prompt_and_output)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is fastest, and on a shared 2-core machine two threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from sft_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 
 class Ids:
