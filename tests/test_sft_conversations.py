@@ -143,6 +143,13 @@ def test_bfcl_ground_truth_calls(shared_data):
         "name": "calculate_triangle_area", "arguments": {"base": 10, "height": 5, "unit": "units"}}
     hyp = next(v for k, v in calls.items() if k.startswith("Calculate the hypotenuse of a right triangle given"))
     assert hyp == {"name": "math.hypot", "arguments": {"x": 4, "y": 5}}  # optional z ("" first) left out
+    # compact schemas keep what a call needs (names, types, required) and drop parameter descriptions
+    full = next(bfcl_conversations(split="train"))[0]["tools"][0]
+    small = next(bfcl_conversations(split="train", compact_tools=True))[0]["tools"][0]
+    assert small["name"] == full["name"] and small["parameters"]["required"] == full["parameters"]["required"]
+    assert {k: v["type"] for k, v in small["parameters"]["properties"].items()} == {
+        k: v["type"] for k, v in full["parameters"]["properties"].items()}
+    assert "description" not in json.dumps(small["parameters"]) and "description" in json.dumps(full["parameters"])
 
 
 def test_gsm8k_annotations_become_python_calls(shared_data):

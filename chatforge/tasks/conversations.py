@@ -297,13 +297,33 @@ def _parse_tools(raw: Any) -> list | None:
     return raw
 
 
+def compact_schema(schema: dict) -> dict:
+    """A function schema without the descriptions of its parameters (names, types, enums and `required`
+    stay; the function's own description stays): about half the tokens, for small contexts.
+
+    >>> compact_schema({"name": "f", "description": "d", "parameters": {"type": "object",
+    ...     "properties": {"x": {"type": "integer", "description": "the x"}}, "required": ["x"]}})
+    {'name': 'f', 'description': 'd', 'parameters': {'type': 'object', 'properties': {'x': {'type': 'integer'}}, 'required': ['x']}}
+    """
+    out = {k: v for k, v in schema.items() if k != "parameters"}
+    params = schema.get("parameters")
+    if isinstance(params, dict):
+        props = params.get("properties")
+        if isinstance(props, dict):
+            props = {k: {kk: vv for kk, vv in v.items() if kk != "description"} if isinstance(v, dict) else v
+                     for k, v in props.items()}
+            params = {**params, "properties": props}
+        out["parameters"] = params
+    return out
+
+
 def glaive_conversations(path: str = "chat/toolcall/glaive_toolcall_en_demo.json", data_dir: str = "",
-                         split: str = "train", val_fraction: float = 0.1,
-                         stats: SourceStats | None = None) -> Iterator[list[dict]]:
+                         split: str = "train", val_fraction: float = 0.1, stats: SourceStats | None = None,
+                         compact_tools: bool = False) -> Iterator[list[dict]]:
     """Glaive function-calling demonstrations: the record's tools become the system message's 'tools'
     (rendered into the system turn), a `function_call` turn an assistant call with JSON arguments,
     an `observation` the tool message with its result, which the next `gpt` turn uses. Records without
-    tools are plain chat (the model also learns when not to call)."""
+    tools are plain chat (the model also learns when not to call). compact_tools: compact_schema."""
     _check_split(split)
     stats = stats if stats is not None else SourceStats("glaive")
     for rec in _json_list(data_path(path, data_dir)):
@@ -313,6 +333,8 @@ def glaive_conversations(path: str = "chat/toolcall/glaive_toolcall_en_demo.json
         if not isinstance(turns, list) or tools is None:
             stats.skip("bad_record")
             continue
+        if compact_tools:
+            tools = [compact_schema(t) for t in tools]
         messages: list[dict] = [{"role": "system", "content": "", "tools": tools}] if tools else []
         bad, last_call = None, None
         for t in turns:
@@ -356,11 +378,13 @@ BFCL_FILES = ("chat/toolcall/bfcl/BFCL_v4_simple_python.json", "chat/toolcall/bf
 
 
 def bfcl_conversations(paths: tuple[str, str] = BFCL_FILES, data_dir: str = "", split: str = "train",
-                       val_fraction: float = 0.2, stats: SourceStats | None = None) -> Iterator[list[dict]]:
+                       val_fraction: float = 0.2, stats: SourceStats | None = None,
+                       compact_tools: bool = False) -> Iterator[list[dict]]:
     """BFCL simple_python: the question, answered by one call to the given function with the first
     acceptable value of every argument (an optional argument whose first acceptable value is "" is left
     out, as BFCL's checker allows). The conversation ends with the call: it teaches choosing the function
-    and writing its arguments. BFCL is also a benchmark: evaluate on the 'val' split only."""
+    and writing its arguments. BFCL is also a benchmark: evaluate on the 'val' split only.
+    compact_tools: compact_schema."""
     _check_split(split)
     stats = stats if stats is not None else SourceStats("bfcl")
     qpath, apath = (data_path(p, data_dir) for p in paths)
@@ -386,6 +410,8 @@ def bfcl_conversations(paths: tuple[str, str] = BFCL_FILES, data_dir: str = "", 
             stats.skip("bad_record")
             continue
         args = {k: v[0] for k, v in options.items() if v[0] != ""}
+        if compact_tools:
+            tools = [compact_schema(t) for t in tools]
         messages = [{"role": "system", "content": "", "tools": tools}, {"role": "user", "content": user.strip()},
                     {"role": "assistant", "content": "", "tool_calls": [{"name": name, "arguments": args}]}]
         if _emit(messages, str(rec.get("id")), split, val_fraction, stats):
