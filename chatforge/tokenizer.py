@@ -694,8 +694,8 @@ def _hf_pattern(pre: dict | None, path) -> str:
 #
 # Built-in tools vs user-defined functions. A call named "python" or "search" is a built-in tool: its
 # arguments are the raw text between that tool's token pair, and the engine runs it. Any other name is a
-# user-defined function (OpenAI `tools` / `tool_calls`): it must be declared in the conversation's
-# tools, and the call is JSON between the function pair,
+# user-defined function (OpenAI `tools` / `tool_calls`), declared in the conversation's tools, and the
+# call is JSON between the function pair,
 #   <|function_start|>{"name": "get_weather", "arguments": {"city": "Paris"}}<|function_end|>
 # Dict arguments are written with json.dumps(ensure_ascii=False), which is exactly what transformers'
 # `tojson` template filter writes, so the exported HF chat template renders the same ids. String
@@ -827,8 +827,14 @@ def _function_ids(tok: Tokenizer, why: str) -> tuple[int, int]:
     return tok.special_tokens[start], tok.special_tokens[end]
 
 
-def _tool_calls(message: dict, i: int, functions: set[str]) -> list[tuple[str, str]]:
-    """[(pair, text)] of an assistant message's calls: pair is "python", "search" or "function"."""
+def _tool_calls(message: dict, i: int) -> list[tuple[str, str]]:
+    """[(pair, text)] of an assistant message's calls: pair is "python", "search" or "function".
+
+    A function call need not be declared here: the renderer writes what the conversation holds
+    (whether the calls fit the declared tools is a question for the data, see
+    chatforge.tasks.conversations.check_conversation). A call that parse_conversation could not parse
+    ({"name": "", "arguments": <raw text>, "error": ...}) is written back as the raw text, so
+    render(parse(ids)) == ids holds for any model output."""
     calls = []
     for c in message.get("tool_calls") or []:
         fn = c.get("function", c) if isinstance(c, dict) else None  # accept OpenAI's {"function": {...}}
@@ -837,20 +843,21 @@ def _tool_calls(message: dict, i: int, functions: set[str]) -> list[tuple[str, s
         name, args = fn.get("name"), fn.get("arguments", "")
         if name in TOOL_TOKENS:
             calls.append((name, args if isinstance(args, str) else json.dumps(args)))
-        elif name in functions:
+        elif name == "" and isinstance(args, str) and fn.get("error"):
+            calls.append(("function", args))  # a malformed call exactly as the model wrote it
+        elif isinstance(name, str) and name.strip():
             calls.append(("function", function_call_text(name, args)))
         else:
-            declared = ", ".join(sorted(functions)) or "none"
-            raise ChatforgeError(f"message {i}: unknown tool {name!r}: not a built-in tool "
-                                 f"({', '.join(TOOL_TOKENS)}) nor a declared function ({declared})")
+            raise ChatforgeError(f"message {i}: tool call without a name ({str(c)[:80]}); name a built-in tool "
+                                 f"({', '.join(TOOL_TOKENS)}) or a function")
     return calls
 
 
 def _render(tok: Tokenizer, messages: list[dict], tools: list | None = None) -> tuple[list[int], list[int], bool]:
     """(ids, mask, mid_turn): mid_turn is True when the last message leaves an assistant turn open."""
     functions = _declared_functions(messages, tools)
-    names = {f["name"] for f in functions}
-    fn_ids = _function_ids(tok, "the conversation declares functions") if functions else None
+    if functions:
+        _function_ids(tok, "the conversation declares functions")
     ids, mask = [tok.bos_id], [0]
 
     def add(new: list[int], m: int) -> None:
@@ -881,9 +888,10 @@ def _render(tok: Tokenizer, messages: list[dict], tools: list | None = None) -> 
             if not mid_turn:
                 add([tok.special("<|assistant_start|>")], 0)
             add(tok.encode(content), 1)
-            calls = _tool_calls(msg, i, names)
+            calls = _tool_calls(msg, i)
             for pair, args in calls:
-                start, end = fn_ids if pair == "function" else (tok.special(s) for s in TOOL_TOKENS[pair])
+                start, end = (_function_ids(tok, f"message {i} calls a function") if pair == "function"
+                              else (tok.special(s) for s in TOOL_TOKENS[pair]))
                 add([start], 1)
                 add(tok.encode(args), 1)
                 add([end], 1)

@@ -252,7 +252,7 @@ def test_render_truncates_and_rejects_bad_conversations(trained):
         trained.render_conversation([{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}])
     with pytest.raises(ChatforgeError, match="unknown role"):
         trained.render_conversation([{"role": "wizard", "content": "x"}])
-    with pytest.raises(ChatforgeError, match="unknown tool"):
+    with pytest.raises(ChatforgeError, match="'rm'.*not valid JSON"):  # not a built-in: a function call
         trained.render_conversation([{"role": "assistant", "content": "",
                                       "tool_calls": [{"name": "rm", "arguments": "-rf /"}]}])
 
@@ -374,6 +374,12 @@ def test_function_prompt_and_model_output_parse(trained):
                                                sp["<|function_end|>"]])
     call = bad[-1]["tool_calls"][0]
     assert call["name"] == "" and call["arguments"] == '{"name": "get_w' and "not valid JSON" in call["error"]
+    # whatever the model wrote renders back to the same ids (the chat loop re-renders its history): a
+    # malformed call, and a call to a function no one declared
+    for tools_, reply in ((tools, trained.encode('{"name": "get_w')),
+                          (None, trained.encode('{"name": "get_time", "arguments": {}}'))):
+        ids = trained.render_prompt(msgs, tools=tools_) + [sp["<|function_start|>"], *reply, sp["<|function_end|>"]]
+        assert trained.render_conversation(trained.parse_conversation(ids))[0] == ids
 
 
 def test_hf_chat_template_renders_functions_like_render_conversation(trained, tmp_path):
@@ -437,10 +443,8 @@ def test_bad_function_calls_are_clear_errors(trained):
         trained.render_conversation(call('{"city": "Oslo"'), tools=[WEATHER])
     with pytest.raises(ChatforgeError, match="must be a JSON object"):
         trained.render_conversation(call('["Oslo"]'), tools=[WEATHER])
-    with pytest.raises(ChatforgeError, match=r"unknown tool 'get_time'.*declared function \(get_weather\)"):
-        trained.render_conversation(call({}, name="get_time"), tools=[WEATHER])
-    with pytest.raises(ChatforgeError, match="unknown tool 'get_weather'.*none"):
-        trained.render_conversation(call({}))  # no functions declared at all
+    with pytest.raises(ChatforgeError, match="without a name"):
+        trained.render_conversation(call({}, name=""), tools=[WEATHER])
     with pytest.raises(ChatforgeError, match="built-in tool's; rename"):
         trained.render_conversation([user], tools=[{"name": "python"}])
     with pytest.raises(ChatforgeError, match="declared twice"):
