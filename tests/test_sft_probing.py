@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from chatforge.common import ChatforgeError
-from chatforge.tasks.probing import (Entity, ProbeQuestion, engine_sampler, entity_documents, entity_probe_rates,
+from chatforge.tasks.probing import (ProbeQuestion, engine_sampler, entity_documents, entity_probe_rates,
                                      entity_questions, entity_split, is_refusal, make_entities, normalized_match,
                                      probe, probe_conversations, read_facts, save_probe_results, split_known,
                                      teacher_questions, write_facts)

@@ -11,7 +11,7 @@ import pytest
 from chatforge.common import ChatforgeError
 from chatforge.tasks.identity import IdentityCard, identity_conversations, llama_factory_pairs
 from chatforge.tasks.synthetic import (KINDS, WORDS, check_answer, extract_answer, make_problems,
-                                       problem_conversation, synthetic_conversations, words)
+                                       synthetic_conversations, words)
 from sft_helpers import real_tokenizer
 
 
