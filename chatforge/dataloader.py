@@ -1,6 +1,6 @@
 """Pretraining data: tokenize a text corpus once into token shards, then serve packed batches.
 
-1. `build_token_shards` reads documents (`chatforge.tokenizer.read_documents`, the reader the
+1. `build_token_shards` reads documents (`chatforge.corpus.read_documents`, the reader the
    tokenizer stage and the search index use), encodes them on tiktoken's thread pool, puts <|bos|>
    before every document, and appends them to a train or a validation stream:
 
@@ -127,7 +127,7 @@ def build_token_shards(out_dir: str | os.PathLike, tok, corpus: list[str | Path]
                        run=None, log=print) -> dict:
     """Tokenize `corpus` into train/val shards under out_dir (reused when the fingerprint matches).
     Returns the index dict. Raises ChatforgeError on an empty corpus or an empty split. `corpus` is
-    files or globs for chatforge.tokenizer.expand_corpus (a list it already returned passes through
+    files or globs for chatforge.corpus.expand_corpus (a list it already returned passes through
     unchanged); `run` (a stage config) resolves `stage:NAME` entries. The train split's token counts
     are stored too (`train_token_counts`), for the unigram baseline."""
     from chatforge.corpus import CorpusStats, expand_corpus, read_documents

@@ -153,7 +153,7 @@ def test_stage_hints_name_real_commands(tmp_path):
         args = build_parser().parse_args(cmd.split())  # exits (SystemExit) on a command that does not exist
         assert args.run == "r1", cmd
     # what a user sees: the tokenizer stage asked for `stage:data` before the data stage ran
-    from chatforge.tokenizer import expand_corpus
+    from chatforge.corpus import expand_corpus
 
     with pytest.raises(ChatforgeError, match=r"chatforge data process --run r1"):
         expand_corpus(["stage:data"], run=cfg)

@@ -61,7 +61,7 @@ def _title_of(text: str) -> str:
 
 
 def iter_docs(files: Iterable[Path], stats: CorpusStats | None = None) -> Iterator[Doc]:
-    """Documents of files (from `expand_corpus`) through `chatforge.tokenizer.read_documents`, so the
+    """Documents of files (from `expand_corpus`) through `chatforge.corpus.read_documents`, so the
     index sees the documents the model was trained on: parquet `text` column, .jsonl / .json records,
     plain text by blank-line blocks (one document per line in a file without blank lines), never
     truncated (long documents are cut into passages instead). The title is the record's `title`, else
@@ -112,7 +112,7 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
 
 def build_index(paths: Iterable[str | Path], out: str | Path, passage_chars: int = 1200, max_docs: int = 0,
                 log: Callable[[str], None] | None = None) -> dict:
-    """Index documents from files or globs (`chatforge.tokenizer.expand_corpus`: a `Path` is a file,
+    """Index documents from files or globs (`chatforge.corpus.expand_corpus`: a `Path` is a file,
     a string may be a glob) into a new SQLite FTS5 database at `out` (written to a temporary file and
     renamed, so a crash never leaves half an index). Returns counts."""
     files = expand_corpus(paths)  # once: a file name with glob characters (`a[1].txt`) stays a file
