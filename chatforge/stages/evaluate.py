@@ -38,7 +38,7 @@ def targets(cfg) -> list[tuple[str, Path]]:
             raise ChatforgeError(f"{cfg.source}: not a stage name ({', '.join(by_stage)}) nor a checkpoint folder "
                                  f"(no config.json there); {_have(root)}")
         stage = json.loads((ck / "config.json").read_text()).get("stage")
-        return [(by_stage.get(stage, stage or ck.name), ck)]
+        return [(by_stage.get(stage, stage or ck.resolve().parent.name), ck)]  # runs/x/sft/checkpoint -> sft
     found = [(label, root / stage / "checkpoint") for label, stage in CHECKPOINT_STAGES
              if (root / stage / "checkpoint" / "config.json").exists()]
     if not found:
