@@ -385,8 +385,8 @@ def run_bpb(model, tok, *, tokens_dir: Path | None, texts: Sequence[str] = (), d
             return {"status": "missing", "reason": f"no held-out text: {tokens_dir} holds no token shards (run the "
                                                    f"pretrain stage of this run, or pass --bpb_text FILES)"}
         if index["vocab_size"] != tok.vocab_size:
-            return {"status": "missing", "reason": f"{tokens_dir} was tokenized with another vocabulary "
-                                                   f"({index['vocab_size']} tokens, the checkpoint has {tok.vocab_size})"}
+            why = f"{index['vocab_size']} tokens, the checkpoint has {tok.vocab_size}"
+            return {"status": "missing", "reason": f"{tokens_dir} was tokenized with another vocabulary ({why})"}
         try:
             stream = TokenStream(tokens_dir, index, "val")
             counts = train_token_counts(tokens_dir)

@@ -46,7 +46,8 @@ CURVES: dict[str, list[tuple[str, list[str]]]] = {
     "pretrain": [("train loss (nats/token)", ["smooth_loss", "loss"]), ("validation bits per byte", ["val_bpb"])],
     "sft": [("train loss", ["smooth_loss", "loss"]), ("validation loss", ["val_loss", "val_bpb"])],
     "rl": [("reward", ["reward", "mean_reward"]), ("pass@1", ["pass@1", "accuracy"]), ("KL", ["kl"])],
-    "rlhf": [("reward", ["reward", "mean_reward"]), ("KL", ["kl"]), ("judge score", ["judge", "judge_score", "win_rate"])],
+    "rlhf": [("reward", ["reward", "mean_reward"]), ("KL", ["kl"]),
+             ("judge score", ["judge", "judge_score", "win_rate"])],
 }
 
 
@@ -250,6 +251,8 @@ def read_run(root: Path) -> RunInfo:
 def _fmt_seconds(s: float | None) -> str:
     if s is None:
         return "-"
+    if s < 1:
+        return "<1 s"
     if s < 60:
         return f"{s:.1f} s"
     if s < 3600:
@@ -262,7 +265,7 @@ def _fmt_int(n) -> str:
 
 
 def _fmt_money(x: float) -> str:
-    return f"${x:,.0f}" if x >= 10 else f"${x:.2f}"
+    return f"${x:,.0f}" if x >= 10 else f"${x:.2f}" if x >= 0.01 else "<$0.01"
 
 
 def stage_flops(name: str, done: dict | None) -> float | None:
@@ -283,7 +286,9 @@ def header_section(info: RunInfo, gpu_setups: Sequence[GpuSetup], mfu: float, no
     versions = latest.get("versions", {})
     hosts = sorted({m.get("host", "?") for m in metas.values()})
     pre = (info.stages.get("pretrain") or {}).get("done") or {}
-    device = str(pre.get("device", "an unknown device")) + (f" x {pre['world_size']}" if pre.get("world_size", 1) > 1 else "")
+    device = str(pre.get("device", "an unknown device"))
+    if pre.get("world_size", 1) > 1:
+        device += f" x {pre['world_size']}"
     mem = f", peak memory {pre['max_memory_gb']:.1f} GB" if pre.get("max_memory_gb") else ""
     blocks: list[Block] = [Heading(f"chatforge report card: run `{info.root.name}`", 1)]
     lines = [f"Made {now} from `{info.root}`.",
@@ -333,7 +338,9 @@ def _stage_work(name: str, done: dict | None) -> str:
     if name == "index" and "passages" in done:
         return f"{_fmt_int(done['passages'])} passages"
     if "tokens" in done:
-        return f"{_fmt_int(done['tokens'])} tokens" + (f", {_fmt_int(done['step'])} steps" if "step" in done else "")
+        params = f"{done['num_params'] / 1e6:.1f}M params, " if isinstance(done.get("num_params"), (int, float)) else ""
+        steps = f", {_fmt_int(done['step'])} steps" if "step" in done else ""
+        return f"{params}{_fmt_int(done['tokens'])} tokens{steps}"
     return "-"
 
 
@@ -347,15 +354,15 @@ def data_section(info: RunInfo) -> list[Block]:
     for step, s in stats["steps"].items():
         dropped = s.get("dropped") or {}
         top = ", ".join(f"{k} {v:,}" for k, v in sorted(dropped.items(), key=lambda kv: -kv[1])[:3])
-        rows.append([step, _fmt_int(s.get("in")), _fmt_int(s.get("out")), _fmt_int((s.get("in") or 0) - (s.get("out") or 0)),
-                     top])
+        removed = (s.get("in") or 0) - (s.get("out") or 0)
+        rows.append([step, _fmt_int(s.get("in")), _fmt_int(s.get("out")), _fmt_int(removed), top])
     blocks.append(Table(["step", "docs in", "docs out", "removed", "top reasons"], rows, "lrrrl"))
     kept = stats.get("docs_out")
     if stats.get("docs_in"):
+        pii = ", ".join(f"{k} {v:,}" for k, v in (stats.get("pii") or {}).items()) or "none"
         blocks.append(Para(f"{_fmt_int(stats['docs_in'])} documents in, {_fmt_int(kept)} kept "
-                           f"({100 * (kept or 0) / stats['docs_in']:.1f}%) from {_fmt_int(stats.get('files'))} file(s); "
-                           f"PII masked: " + (", ".join(f"{k} {v:,}" for k, v in (stats.get("pii") or {}).items()) or "none")
-                           + "."))
+                           f"({100 * (kept or 0) / stats['docs_in']:.1f}%) from {_fmt_int(stats.get('files'))} "
+                           f"file(s); PII masked: {pii}."))
     return blocks
 
 
@@ -499,8 +506,8 @@ def metrics_section(info: RunInfo) -> list[Block]:
             notes.append(f"{LABEL_TITLES[lab]}: not run yet.")
     missing = sorted({n for ev in info.evals.values() for n, r in ev["tasks"].items() if r.get("status") == "missing"})
     if missing:
-        notes.append("Missing data: " + "; ".join(
-            f"{n}: {next(ev['tasks'][n]['reason'] for ev in info.evals.values() if n in ev['tasks'])}" for n in missing))
+        reasons = {n: r["reason"] for ev in info.evals.values() for n, r in ev["tasks"].items() if n in missing}
+        notes.append("Missing data: " + "; ".join(f"{n}: {reasons[n]}" for n in missing))
     blocks.append(Para("Accuracies are fractions (CORE: centred accuracy, 0 = chance, 1 = perfect). Chat tasks run "
                        "only on checkpoints that learned the chat protocol. " + " ".join(notes)))
     return blocks
