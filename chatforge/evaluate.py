@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from chatforge.common import ChatforgeError, write_json
+from chatforge.common import data_dir as data_root_of
 from chatforge.model import KVCache
 from chatforge.stages.pretrain import Dist, evaluate_bpb, unigram_bpb  # TODO(merge): from chatforge.bpb
 from chatforge.tasks import mc
@@ -580,6 +581,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, tasks: Sequence[str], out
             result["tasks"] = {k: v for k, v in old["tasks"].items() if v.get("status") == "ok"}
     t_start = time.time()
     meta = mc.read_core_meta(data_dir) if any(t.kind == "core" for t in todo) else {}
+    data_root = data_root_of(data_dir)
     engine = None
     for task in todo:
         if task.name in result["tasks"]:
@@ -592,8 +594,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, tasks: Sequence[str], out
         elif task.kind == "core":
             res = (run_core_task(model, tok, mc.CORE_TASKS[task.source], meta, data_dir=data_dir, limit=limit,
                                  seed=seed, batch_rows=batch_size, autocast=autocast, progress=progress)
-                   if meta else {"status": "missing", "reason": f"{mc.CORE_META} not found in the data dir (the "
-                                                                f"suite's shots and random baselines come from it)"})
+                   if meta else {"status": "missing", "reason": f"{mc.CORE_META} not found in the data dir "
+                                                                f"{data_root} (the suite's shots and random baselines "
+                                                                f"come from it; `chatforge data download core_meta`)"})
         elif task.kind == "todo":
             res = {"status": "not_implemented", "reason": "next phase: identity and hallucination probes"}
         else:

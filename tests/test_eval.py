@@ -412,3 +412,22 @@ def test_eval_command(run_root, shared_data, capsys):
     assert "has no checkpoints yet" in capsys.readouterr().err
     assert main(["eval", "--tasks", "list"]) == 0
     assert "probes: probe_letter_count" in capsys.readouterr().out
+
+
+def test_missing_data_is_reported_not_faked(run_root, tmp_path, shared_data):
+    """A suite file or DCLM's table absent from the data dir: the task is recorded as missing with
+    the way to fetch it, and CORE is over the tasks that ran (never a made-up number)."""
+    ck = run_root / "r" / "pretrain" / "checkpoint"
+    res = E.evaluate_checkpoint(ck, ["copa"], tmp_path / "a.json", data_dir=str(tmp_path), progress=False,
+                                log=lambda s: None)
+    assert res["tasks"]["copa"]["status"] == "missing" and res["core"] is None
+    assert "chatforge data download core_meta" in res["tasks"]["copa"]["reason"]
+    meta = tmp_path / "d" / "eval" / "core_meta"
+    meta.mkdir(parents=True)
+    (meta / "eval_meta_data.csv").write_bytes((shared_data / "eval/core_meta/eval_meta_data.csv").read_bytes())
+    (tmp_path / "d" / "eval" / "piqa").mkdir()
+    (tmp_path / "d" / "eval" / "piqa" / "piqa.jsonl").write_bytes((shared_data / "eval/piqa/piqa.jsonl").read_bytes())
+    res = E.evaluate_checkpoint(ck, ["copa", "piqa"], tmp_path / "b.json", data_dir=str(tmp_path / "d"), limit=2,
+                                progress=False, log=lambda s: None)
+    assert "`chatforge data download copa`" in res["tasks"]["copa"]["reason"]
+    assert res["core"]["tasks"] == ["piqa"] and res["core"]["missing"] == ["copa"] and not res["core"]["complete"]

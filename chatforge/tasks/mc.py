@@ -110,7 +110,8 @@ def load_core_items(task: CoreTask, data_dir_setting: str = "") -> tuple[list[MC
     """(items, bad records skipped) of one CORE task; a missing file is a ChatforgeError naming it."""
     path = find_file(task.path, data_dir_setting)
     if path is None:
-        raise ChatforgeError(f"{task.title}: {task.path} not found in the data dir {data_dir(data_dir_setting)}")
+        raise ChatforgeError(f"{task.title}: {task.path} not found in the data dir {data_dir(data_dir_setting)}; "
+                             f"fetch it with `chatforge data download {task.path.split('/')[1]}`")
     if task.name == "hellaswag" and not path.name.endswith((".jsonl", ".jsonl.gz")):
         return _hellaswag_text(path)
     items, bad = [], 0
