@@ -86,7 +86,8 @@ def main() -> None:
     from chatforge.export import export_hf
     from chatforge.model import GPT, ModelConfig
     from chatforge.tasks import mc
-    from chatforge.tokenizer import Tokenizer, iter_documents
+    from chatforge.corpus import iter_documents
+    from chatforge.tokenizer import Tokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval-"))
     if args.checkpoint:

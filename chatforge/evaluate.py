@@ -372,7 +372,7 @@ def run_bpb(model, tok, *, tokens_dir: Path | None, texts: Sequence[str] = (), d
                                dtype=torch.float32 if device.type == "mps" else torch.float64)
     counts = None
     if texts:
-        from chatforge.tokenizer import iter_documents
+        from chatforge.corpus import iter_documents
 
         ids: list[int] = []
         for doc in iter_documents(list(texts), data_dir, 100_000, 0):

@@ -21,7 +21,8 @@ from chatforge.common import ChatforgeError
 from chatforge.engine import Engine
 from chatforge import evaluate as E
 from chatforge.tasks import mc
-from chatforge.tokenizer import Tokenizer, iter_documents
+from chatforge.corpus import iter_documents
+from chatforge.tokenizer import Tokenizer
 from engine_helpers import ScriptedModel, random_model
 
 torch.set_num_threads(1)
