@@ -10,7 +10,6 @@ import torch
 
 from chatforge.common import ChatforgeError
 from chatforge.engine import Engine, SamplingParams, StreamDecoder
-from chatforge.model import GPT
 from chatforge.tools import Tool, ToolError
 from engine_helpers import (BiasedModel, ScriptedModel, greedy_reference, make_checkpoint, random_model,
                             train_tokenizer)
