@@ -48,6 +48,12 @@ PATTERNS = {
 #   <|python_start|> code <|python_end|>     assistant calls the Python sandbox
 #   <|search_start|> query <|search_end|>    assistant calls the search tool
 #   <|output_start|> ... <|output_end|>      tool result, inserted by the engine, never trained on
+#   <|function_start|> JSON <|function_end|> assistant calls a user-defined function (OpenAI `tools`):
+#                                            {"name": ..., "arguments": {...}}; the result comes back
+#                                            as a tool message between the output pair
+# The function pair was added after the first 13 tokens (appended, so the order of the others is
+# unchanged). A tokenizer trained before it still loads and renders every conversation without
+# functions; one that declares or calls functions gets a clear error (see _function_tokens).
 SPECIAL_TOKENS = [
     "<|bos|>",
     "<|system_start|>", "<|system_end|>",
@@ -56,9 +62,13 @@ SPECIAL_TOKENS = [
     "<|python_start|>", "<|python_end|>",
     "<|search_start|>", "<|search_end|>",
     "<|output_start|>", "<|output_end|>",
+    "<|function_start|>", "<|function_end|>",
 ]
+# Built-in tools the engine runs itself, one token pair each. User-defined functions are not here:
+# the engine does not run them, the caller does (the server returns them as OpenAI `tool_calls`).
 TOOL_TOKENS = {"python": ("<|python_start|>", "<|python_end|>"),
                "search": ("<|search_start|>", "<|search_end|>")}
+FUNCTION_TOKENS = ("<|function_start|>", "<|function_end|>")
 
 RANKS_FILE = "tokenizer.tiktoken"
 META_FILE = "chatforge_tokenizer.json"
@@ -502,12 +512,12 @@ class Tokenizer:
 
     # -- chat protocol -------------------------------------------------------------------------
 
-    def render_conversation(self, messages: list[dict], max_tokens: int | None = None):
+    def render_conversation(self, messages: list[dict], max_tokens: int | None = None, tools: list | None = None):
         """Conversation -> (ids, loss_mask). See `render_conversation` below."""
-        return render_conversation(self, messages, max_tokens)
+        return render_conversation(self, messages, max_tokens, tools)
 
-    def render_prompt(self, messages: list[dict]) -> list[int]:
-        return render_prompt(self, messages)
+    def render_prompt(self, messages: list[dict], tools: list | None = None) -> list[int]:
+        return render_prompt(self, messages, tools)
 
     def parse_conversation(self, ids: list[int]) -> list[dict]:
         return parse_conversation(self, ids)
@@ -671,25 +681,63 @@ def _hf_pattern(pre: dict | None, path) -> str:
 # Chat protocol
 #
 # A conversation is a list of messages:
-#   {"role": "system" | "user", "content": str}
-#   {"role": "assistant", "content": str, "tool_calls": [{"name": "python" | "search", "arguments": str}]}
-#   {"role": "tool", "name": "python" | "search", "content": str}
+#   {"role": "system", "content": str, "tools": [function schema, ...]}      ("tools" optional)
+#   {"role": "user", "content": str}
+#   {"role": "assistant", "content": str, "tool_calls": [{"name": str, "arguments": str | dict}]}
+#   {"role": "tool", "name": str, "content": str}
 # A tool call and its output live inside one assistant turn, the way the engine produces them:
 #   <|assistant_start|>Let me compute.<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|>
 #   It is 42.<|assistant_end|>
 # so an assistant message that ends in a tool call has no <|assistant_end|>, and the assistant message
-# after a tool result continues the same turn (no new <|assistant_start|>).
+# after a tool result continues the same turn (no new <|assistant_start|>). Several calls in one
+# message are answered by as many tool messages, in order.
+#
+# Built-in tools vs user-defined functions. A call named "python" or "search" is a built-in tool: its
+# arguments are the raw text between that tool's token pair, and the engine runs it. Any other name is a
+# user-defined function (OpenAI `tools` / `tool_calls`): it must be declared in the conversation's
+# tools, and the call is JSON between the function pair,
+#   <|function_start|>{"name": "get_weather", "arguments": {"city": "Paris"}}<|function_end|>
+# Dict arguments are written with json.dumps(ensure_ascii=False), which is exactly what transformers'
+# `tojson` template filter writes, so the exported HF chat template renders the same ids. String
+# arguments (OpenAI sends a JSON string) must hold a JSON object and are written as given. OpenAI's
+# {"id", "type": "function", "function": {...}} wrapping is accepted for calls and for tools.
+#
+# Declared functions go at the end of the first system turn, in this documented rendering:
+#   <|system_start|>{content}\n\n{FUNCTIONS_PREAMBLE}{schema 1}\n{schema 2}...<|system_end|>
+# one json.dumps(ensure_ascii=False) line per function (the `function` object of an OpenAI tool, or
+# the object itself when unwrapped); no "\n\n" when the content is empty, and a system turn of its own
+# when the conversation has none. Tools come from the `tools` argument (OpenAI / transformers style)
+# or the first system message's "tools" field (how SFT data carries them), not both.
+
+FUNCTIONS_PREAMBLE = (
+    "You can call the functions below. To call one, write {\"name\": \"<function name>\", \"arguments\": "
+    "<JSON object>} between the function-call tokens; its result comes back as a tool message.\n"
+    "Functions, one JSON schema per line:\n"
+)
 
 CHAT_TEMPLATE = (
+    "{% macro functions(fns) %}{{ " + json.dumps(FUNCTIONS_PREAMBLE) + " }}"
+    "{% for t in fns %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ (t['function'] if t['function'] is defined else t) | tojson }}{% endfor %}{% endmacro %}"
+    "{% set fns = tools if tools else (messages[0]['tools'] if messages and messages[0]['role'] == 'system' "
+    "and messages[0]['tools'] else none) %}"
     "{{ bos_token }}"
+    "{% if fns and (messages | length == 0 or messages[0]['role'] != 'system') %}"
+    "<|system_start|>{{ functions(fns) }}<|system_end|>{% endif %}"
     "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}<|system_start|>{{ m['content'] }}<|system_end|>"
+    "{% if m['role'] == 'system' %}<|system_start|>{{ m['content'] or '' }}"
+    "{% if loop.first and fns %}{% if m['content'] %}{{ '\\n\\n' }}{% endif %}{{ functions(fns) }}{% endif %}"
+    "<|system_end|>"
     "{% elif m['role'] == 'user' %}<|user_start|>{{ m['content'] }}<|user_end|>"
     "{% elif m['role'] == 'tool' %}<|output_start|>{{ m['content'] }}<|output_end|>"
     "{% elif m['role'] == 'assistant' %}"
     "{% if loop.first or loop.previtem['role'] != 'tool' %}<|assistant_start|>{% endif %}"
     "{{ m['content'] or '' }}"
-    "{% for c in m.get('tool_calls') or [] %}<|{{ c['name'] }}_start|>{{ c['arguments'] }}<|{{ c['name'] }}_end|>{% endfor %}"
+    "{% for c in m.get('tool_calls') or [] %}{% set f = c['function'] if c['function'] is defined else c %}"
+    "{% if f['name'] in ['python', 'search'] %}<|{{ f['name'] }}_start|>{{ f['arguments'] }}<|{{ f['name'] }}_end|>"
+    "{% else %}<|function_start|>{\"name\": {{ f['name'] | tojson }}, \"arguments\": "
+    "{% if f['arguments'] is string %}{{ f['arguments'] }}{% else %}{{ f['arguments'] | tojson }}{% endif %}"
+    "}<|function_end|>{% endif %}{% endfor %}"
     "{% if not m.get('tool_calls') %}<|assistant_end|>{% endif %}"
     "{% endif %}"
     "{% endfor %}"
@@ -697,33 +745,137 @@ CHAT_TEMPLATE = (
 )
 
 
-def _tool_calls(message: dict) -> list[tuple[str, str]]:
+def render_functions(functions: list[dict]) -> str:
+    """The text that declares functions in the system turn: the preamble, then one JSON line each.
+
+    >>> render_functions([{"name": "f", "parameters": {}}]).splitlines()[-1]
+    '{"name": "f", "parameters": {}}'
+    """
+    return FUNCTIONS_PREAMBLE + "\n".join(json.dumps(f, ensure_ascii=False) for f in functions)
+
+
+def function_call_text(name: str, arguments: Any) -> str:
+    """The JSON written between <|function_start|> and <|function_end|> for one call.
+
+    >>> function_call_text("get_weather", {"city": "Paris"})
+    '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    >>> function_call_text("get_weather", '{"city":"Paris"}')  # a JSON string is kept as written
+    '{"name": "get_weather", "arguments": {"city":"Paris"}}'
+    """
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except json.JSONDecodeError as e:
+            raise ChatforgeError(f"call to function {name!r}: its arguments are not valid JSON ({e}): "
+                                 f"{arguments[:80]!r}; write them as a JSON object") from None
+        if not isinstance(parsed, dict):
+            raise ChatforgeError(f"call to function {name!r}: arguments must be a JSON object, got {arguments[:80]!r}")
+        text = arguments
+    elif isinstance(arguments, dict):
+        text = json.dumps(arguments, ensure_ascii=False)
+    else:
+        raise ChatforgeError(f"call to function {name!r}: arguments must be a JSON object or its text, "
+                             f"got {type(arguments).__name__}")
+    return '{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": ' + text + "}"
+
+
+def parse_function_call(text: str) -> dict:
+    """{"name", "arguments"} of the JSON between the function pair; ChatforgeError when it is not a
+    call (the server turns that into an error for the client, SFT data sources count and skip it).
+
+    >>> parse_function_call('{"name": "f", "arguments": {"x": 1}}')
+    {'name': 'f', 'arguments': {'x': 1}}
+    """
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ChatforgeError(f"function call is not valid JSON ({e}): {text[:80]!r}") from None
+    if (not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]
+            or not isinstance(obj.get("arguments", {}), dict)):
+        raise ChatforgeError(f'function call must be {{"name": str, "arguments": object}}, got {text[:80]!r}')
+    return {"name": obj["name"], "arguments": obj.get("arguments", {})}
+
+
+def _declared_functions(messages: list[dict], tools: list | None) -> list[dict]:
+    """The function schemas of a conversation (unwrapped from OpenAI's {"type", "function"})."""
+    first = messages[0] if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" else None
+    in_message = first.get("tools") if first is not None else None
+    if tools and in_message:
+        raise ChatforgeError("functions are given both as `tools` and in the system message's 'tools'; give them once")
+    raw = tools or in_message or []
+    if not isinstance(raw, list):
+        raise ChatforgeError(f"tools must be a list of function schemas, got {type(raw).__name__}")
+    out, seen = [], set()
+    for j, t in enumerate(raw):
+        f = t["function"] if isinstance(t, dict) and isinstance(t.get("function"), dict) else t
+        name = f.get("name") if isinstance(f, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise ChatforgeError(f"tool {j}: a function schema needs a non-empty 'name', got {str(t)[:80]}")
+        if name in TOOL_TOKENS:
+            raise ChatforgeError(f"tool {j}: the function name {name!r} is a built-in tool's; rename the function")
+        if name in seen:
+            raise ChatforgeError(f"tool {j}: function {name!r} is declared twice")
+        seen.add(name)
+        out.append(f)
+    return out
+
+
+def _function_ids(tok: Tokenizer, why: str) -> tuple[int, int]:
+    start, end = FUNCTION_TOKENS
+    if start not in tok.special_tokens or end not in tok.special_tokens:
+        raise ChatforgeError(f"{why}, but tokenizer '{tok.name}' predates user-defined functions (it has no "
+                             f"{start} token): retrain it with `chatforge tokenizer --force`, or leave the "
+                             f"functions out of this conversation")
+    return tok.special_tokens[start], tok.special_tokens[end]
+
+
+def _tool_calls(message: dict, i: int, functions: set[str]) -> list[tuple[str, str]]:
+    """[(pair, text)] of an assistant message's calls: pair is "python", "search" or "function"."""
     calls = []
     for c in message.get("tool_calls") or []:
-        fn = c.get("function", c)  # accept OpenAI's {"function": {...}} wrapping too
+        fn = c.get("function", c) if isinstance(c, dict) else None  # accept OpenAI's {"function": {...}}
+        if not isinstance(fn, dict):
+            raise ChatforgeError(f"message {i}: a tool call must be a dict with 'name' and 'arguments'")
         name, args = fn.get("name"), fn.get("arguments", "")
-        if name not in TOOL_TOKENS:
-            raise ChatforgeError(f"tool call to unknown tool {name!r}; known: {', '.join(TOOL_TOKENS)}")
-        calls.append((name, args if isinstance(args, str) else json.dumps(args)))
+        if name in TOOL_TOKENS:
+            calls.append((name, args if isinstance(args, str) else json.dumps(args)))
+        elif name in functions:
+            calls.append(("function", function_call_text(name, args)))
+        else:
+            declared = ", ".join(sorted(functions)) or "none"
+            raise ChatforgeError(f"message {i}: unknown tool {name!r}: not a built-in tool "
+                                 f"({', '.join(TOOL_TOKENS)}) nor a declared function ({declared})")
     return calls
 
 
-def _render(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int], bool]:
+def _render(tok: Tokenizer, messages: list[dict], tools: list | None = None) -> tuple[list[int], list[int], bool]:
     """(ids, mask, mid_turn): mid_turn is True when the last message leaves an assistant turn open."""
+    functions = _declared_functions(messages, tools)
+    names = {f["name"] for f in functions}
+    fn_ids = _function_ids(tok, "the conversation declares functions") if functions else None
     ids, mask = [tok.bos_id], [0]
 
     def add(new: list[int], m: int) -> None:
         ids.extend(new)
         mask.extend([m] * len(new))
 
+    if functions and not (messages and messages[0].get("role") == "system"):
+        add([tok.special("<|system_start|>"), *tok.encode(render_functions(functions)),
+             tok.special("<|system_end|>")], 0)
     mid_turn = False
     for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise ChatforgeError(f"message {i}: expected a dict with 'role' and 'content', got {type(msg).__name__}")
         role, content = msg.get("role"), msg.get("content") or ""
         if not isinstance(content, str):
             raise ChatforgeError(f"message {i}: content must be a string, got {type(content).__name__}")
+        if msg.get("tools") and i > 0:
+            raise ChatforgeError(f"message {i}: 'tools' belong to the first message, a system message")
         if role in ("system", "user"):
             if mid_turn:
                 raise ChatforgeError(f"message {i}: a {role} message cannot follow an unanswered tool call")
+            if role == "system" and i == 0 and functions:
+                content = (content + "\n\n" if content else "") + render_functions(functions)
             add([tok.special(f"<|{role}_start|>")], 0)
             add(tok.encode(content), 0)
             add([tok.special(f"<|{role}_end|>")], 0)
@@ -731,12 +883,12 @@ def _render(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int],
             if not mid_turn:
                 add([tok.special("<|assistant_start|>")], 0)
             add(tok.encode(content), 1)
-            calls = _tool_calls(msg)
-            for name, args in calls:
-                start, end = TOOL_TOKENS[name]
-                add([tok.special(start)], 1)
+            calls = _tool_calls(msg, i, names)
+            for pair, args in calls:
+                start, end = fn_ids if pair == "function" else (tok.special(s) for s in TOOL_TOKENS[pair])
+                add([start], 1)
                 add(tok.encode(args), 1)
-                add([tok.special(end)], 1)
+                add([end], 1)
             mid_turn = bool(calls)
             if not calls:
                 add([tok.special("<|assistant_end|>")], 1)
@@ -751,40 +903,63 @@ def _render(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int],
     return ids, mask, mid_turn
 
 
-def render_conversation(tok: Tokenizer, messages: list[dict], max_tokens: int | None = None):
+def render_conversation(tok: Tokenizer, messages: list[dict], max_tokens: int | None = None,
+                        tools: list | None = None):
     """Conversation -> (ids, loss_mask). The mask is 1 exactly on what the assistant produces: its
     text, its tool-call tokens and its <|assistant_end|>; 0 on <|bos|>, system, user, the
-    <|assistant_start|> that primes a reply, and tool outputs (inserted by the engine, not sampled).
-    `max_tokens` truncates both."""
-    ids, mask, _ = _render(tok, messages)
+    <|assistant_start|> that primes a reply, and tool outputs (inserted by the engine or the caller,
+    not sampled). `tools` declares user-defined functions (OpenAI style; see above). `max_tokens`
+    truncates both."""
+    ids, mask, _ = _render(tok, messages, tools)
     if max_tokens is not None:
         ids, mask = ids[:max_tokens], mask[:max_tokens]
     return ids, mask
 
 
-def render_prompt(tok: Tokenizer, messages: list[dict]) -> list[int]:
+def render_prompt(tok: Tokenizer, messages: list[dict], tools: list | None = None) -> list[int]:
     """Ids that end exactly where the assistant should write next: after <|assistant_start|>, or
     after a tool output when the assistant's turn is still open."""
-    ids, _, mid_turn = _render(tok, messages)
+    ids, _, mid_turn = _render(tok, messages, tools)
     if not mid_turn:
         ids.append(tok.special("<|assistant_start|>"))
     return ids
 
 
+def _parse_system(text: str) -> dict:
+    """A system message, with the functions rendered into it (if any) back as 'tools'."""
+    at = text.find(FUNCTIONS_PREAMBLE)
+    if at >= 0:
+        try:
+            tools = [json.loads(line) for line in text[at + len(FUNCTIONS_PREAMBLE):].split("\n")]
+        except json.JSONDecodeError:
+            tools = []  # not our rendering: keep the text as it is
+        if tools and all(isinstance(t, dict) for t in tools):
+            content = text[:at]
+            if content:
+                content = content[:-2] if content.endswith("\n\n") else content
+            return {"role": "system", "content": content, "tools": tools}
+    return {"role": "system", "content": text}
+
+
 def parse_conversation(tok: Tokenizer, ids: list[int]) -> list[dict]:
     """Token ids -> messages, the inverse of render_conversation (a trailing unfinished assistant
-    turn is returned as it stands)."""
+    turn is returned as it stands). Declared functions come back as the system message's 'tools'; a
+    function call whose JSON does not parse comes back as {"name": "", "arguments": <its text>,
+    "error": <why>}."""
     sp = tok.special_tokens
     start_role = {sp[f"<|{r}_start|>"]: r for r in ("system", "user", "assistant")}
     end_role = {sp[f"<|{r}_end|>"]: r for r in ("system", "user", "assistant")}
-    tool_start = {sp[s]: name for name, (s, _) in TOOL_TOKENS.items()}
-    tool_end = {sp[e]: name for name, (_, e) in TOOL_TOKENS.items()}
+    pair_start = {sp[s]: name for name, (s, _) in TOOL_TOKENS.items() if s in sp}
+    pair_end = {sp[e]: name for name, (_, e) in TOOL_TOKENS.items() if e in sp}
+    if all(s in sp for s in FUNCTION_TOKENS):  # an older tokenizer has no function pair
+        pair_start[sp[FUNCTION_TOKENS[0]]] = pair_end[sp[FUNCTION_TOKENS[1]]] = "function"
     out_start, out_end = sp["<|output_start|>"], sp["<|output_end|>"]
 
     messages: list[dict] = []
-    role: str | None = None  # open section: system/user/assistant/tool/python/search
+    role: str | None = None  # open section: system/user/assistant/tool/python/search/function
     buf: list[int] = []
     current: dict | None = None  # the assistant message being built
+    pending: list[str] = []  # names of the calls still waiting for their tool message
 
     def text() -> str:
         s = tok.decode(buf)
@@ -803,22 +978,34 @@ def parse_conversation(tok: Tokenizer, ids: list[int]) -> list[dict]:
                 current["content"] += text()
                 messages.append(current)
                 current = None
+            elif role == "system":
+                messages.append(_parse_system(text()))
             else:
                 messages.append({"role": role, "content": text()})
             role = None
-        elif t in tool_start and role == "assistant":
+        elif t in pair_start and role == "assistant":
             current["content"] += text()
-            role = tool_start[t]
-        elif t in tool_end and role == tool_end[t]:
-            current.setdefault("tool_calls", []).append({"name": role, "arguments": text()})
+            role = pair_start[t]
+        elif t in pair_end and role == pair_end[t]:
+            body = text()
+            if role == "function":
+                try:
+                    call = parse_function_call(body)
+                except ChatforgeError as e:
+                    call = {"name": "", "arguments": body, "error": str(e)}
+            else:
+                call = {"name": role, "arguments": body}
+            current.setdefault("tool_calls", []).append(call)
             role = "assistant"
         elif t == out_start:
             if current is not None:
-                messages.append(current)
-            role = "tool"
+                current["content"] += text()
+                if current["content"] or current.get("tool_calls"):  # not the empty turn between two results
+                    messages.append(current)
+                    pending = [c["name"] for c in current.get("tool_calls", [])]
+            current, role = None, "tool"
         elif t == out_end and role == "tool":
-            call = messages[-1].get("tool_calls", [{}])[-1].get("name", "python") if messages else "python"
-            messages.append({"role": "tool", "name": call, "content": text()})
+            messages.append({"role": "tool", "name": pending.pop(0) if pending else "python", "content": text()})
             current, role = {"role": "assistant", "content": ""}, "assistant"
         else:
             buf.append(t)

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatforge.common import ChatforgeError
-from chatforge.tokenizer import SPECIAL_TOKENS, Tokenizer, iter_documents
+from chatforge.tokenizer import FUNCTIONS_PREAMBLE, SPECIAL_TOKENS, Tokenizer, iter_documents
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,11 +295,168 @@ def test_hf_tokenizer_json_of_gpt2_loads(gpt2, hf_gpt2, tmp_path, real_texts):
 
 
 # ----------------------------------------------------------------------------------------------
+# User-defined functions (OpenAI `tools` / `tool_calls`)
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city (°C).",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CONVERT = {"name": "convert_currency", "description": "Convert an amount between currencies",
+           "parameters": {"type": "object", "properties": {"amount": {"type": "number"},
+                                                           "from": {"type": "string"}, "to": {"type": "string"}}}}
+
+FUNCTION_CONVERSATION = [
+    {"role": "system", "content": "You are chatforge.", "tools": [WEATHER, CONVERT]},
+    {"role": "user", "content": "Weather in Zürich, and 100 USD in EUR?"},
+    {"role": "assistant", "content": "Checking both.",
+     "tool_calls": [{"name": "get_weather", "arguments": {"city": "Zürich"}},
+                    {"name": "convert_currency", "arguments": {"amount": 100, "from": "USD", "to": "EUR"}}]},
+    {"role": "tool", "name": "get_weather", "content": '{"temp_c": 21}'},
+    {"role": "tool", "name": "convert_currency", "content": '{"amount": 92.3}'},
+    {"role": "assistant", "content": "21 °C in Zürich; 100 USD is 92.30 EUR."},
+    {"role": "user", "content": "And 6*7?"},
+    {"role": "assistant", "content": "", "tool_calls": [{"name": "python", "arguments": "6*7"}]},
+    {"role": "tool", "name": "python", "content": "42\n"},
+    {"role": "assistant", "content": "42."},
+]
+
+
+def test_function_call_renders_json_between_its_own_pair(trained):
+    ids, mask = trained.render_conversation(FUNCTION_CONVERSATION)
+    trained_on = trained.enc.decode([i for i, m in zip(ids, mask) if m])
+    assert trained_on == (
+        'Checking both.<|function_start|>{"name": "get_weather", "arguments": {"city": "Zürich"}}<|function_end|>'
+        '<|function_start|>{"name": "convert_currency", "arguments": {"amount": 100, "from": "USD", "to": "EUR"}}'
+        "<|function_end|>21 °C in Zürich; 100 USD is 92.30 EUR.<|assistant_end|>"
+        "<|python_start|>6*7<|python_end|>42.<|assistant_end|>")
+    full = trained.enc.decode(ids)
+    # the schemas sit at the end of the system turn, one JSON line each (the OpenAI wrapper unwrapped)
+    system = full[full.index("<|system_start|>") + len("<|system_start|>"):full.index("<|system_end|>")]
+    assert system == ("You are chatforge.\n\n" + FUNCTIONS_PREAMBLE + json.dumps(WEATHER["function"], ensure_ascii=False)
+                      + "\n" + json.dumps(CONVERT, ensure_ascii=False))
+    # results are tool output (mask 0) inside the same assistant turn
+    assert full.count("<|assistant_start|>") == 2
+    assert '<|output_start|>{"temp_c": 21}<|output_end|><|output_start|>{"amount": 92.3}<|output_end|>' in full
+
+
+def test_parse_inverts_function_calls_and_parallel_results(trained):
+    ids, _ = trained.render_conversation(FUNCTION_CONVERSATION)
+    parsed = trained.parse_conversation(ids)
+    # tools come back unwrapped (what was rendered); everything else exactly as given
+    assert parsed[0] == {"role": "system", "content": "You are chatforge.", "tools": [WEATHER["function"], CONVERT]}
+    assert parsed[1:] == FUNCTION_CONVERSATION[1:]
+    assert trained.render_conversation(parsed)[0] == ids
+    # regression: two results in a row were parsed with an empty assistant message between them and
+    # both named after the last call
+    builtin = [{"role": "user", "content": "x"},
+               {"role": "assistant", "content": "", "tool_calls": [{"name": "python", "arguments": "1"},
+                                                                   {"name": "search", "arguments": "q"}]},
+               {"role": "tool", "name": "python", "content": "1"}, {"role": "tool", "name": "search", "content": "r"},
+               {"role": "assistant", "content": "done"}]
+    assert trained.parse_conversation(trained.render_conversation(builtin)[0]) == builtin
+
+
+def test_function_prompt_and_model_output_parse(trained):
+    sp = trained.special_tokens
+    tools = [WEATHER]
+    msgs = [{"role": "user", "content": "Weather in Oslo?"}]
+    prompt = trained.render_prompt(msgs, tools=tools)
+    assert prompt[1] == sp["<|system_start|>"] and prompt[-1] == sp["<|assistant_start|>"]
+    # what a model would sample: a call, then the engine/server stops at <|function_end|>
+    reply = trained.encode('{"name": "get_weather", "arguments": {"city": "Oslo"}}')
+    out = trained.parse_conversation(prompt + [sp["<|function_start|>"], *reply, sp["<|function_end|>"]])
+    assert out[-1] == {"role": "assistant", "content": "",
+                       "tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]}
+    # the client answers with a tool message; the prompt continues the open turn
+    follow = trained.render_prompt(out[1:] + [{"role": "tool", "name": "get_weather", "content": "7 C"}], tools=tools)
+    assert follow[-1] == sp["<|output_end|>"]
+    # a malformed call is returned with its raw text and the reason, not dropped or crashed on
+    bad = trained.parse_conversation(prompt + [sp["<|function_start|>"], *trained.encode('{"name": "get_w'),
+                                               sp["<|function_end|>"]])
+    call = bad[-1]["tool_calls"][0]
+    assert call["name"] == "" and call["arguments"] == '{"name": "get_w' and "not valid JSON" in call["error"]
+
+
+def test_hf_chat_template_renders_functions_like_render_conversation(trained, tmp_path):
+    from transformers import AutoTokenizer
+
+    trained.export_hf(tmp_path)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+
+    def hf_ids(messages, **kw):
+        return hf.apply_chat_template(messages, tokenize=True, return_dict=False, **kw)
+
+    # tools in the system message (SFT data), and as the `tools` argument (the OpenAI / transformers way)
+    assert hf_ids(FUNCTION_CONVERSATION) == trained.render_conversation(FUNCTION_CONVERSATION)[0]
+    plain = [{k: v for k, v in m.items() if k != "tools"} for m in FUNCTION_CONVERSATION]
+    assert hf_ids(plain, tools=[WEATHER, CONVERT]) == trained.render_conversation(plain, tools=[WEATHER, CONVERT])[0]
+    # no system message: a system turn of its own; an empty system content gets no blank line
+    for msgs in (plain[1:], [{"role": "system", "content": ""}, *plain[1:]]):
+        assert hf_ids(msgs, tools=[CONVERT, WEATHER]) == trained.render_conversation(msgs, tools=[CONVERT, WEATHER])[0]
+    # OpenAI wire format: wrapped calls with JSON-string arguments (kept as written), content None
+    openai = [{"role": "user", "content": "Oslo?"},
+              {"role": "assistant", "content": None, "tool_calls": [
+                  {"id": "call_1", "type": "function",
+                   "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
+              {"role": "tool", "tool_call_id": "call_1", "content": "7 C"}]
+    ours = trained.render_conversation(openai, tools=[WEATHER])[0]
+    assert hf_ids(openai, tools=[WEATHER]) == ours
+    assert '{"name": "get_weather", "arguments": {"city":"Oslo"}}' in trained.enc.decode(ours)
+    gen = hf_ids(openai[:1], tools=[WEATHER], add_generation_prompt=True)
+    assert gen == trained.render_prompt(openai[:1], tools=[WEATHER])
+    assert hf_ids(openai, tools=[WEATHER], add_generation_prompt=True) == trained.render_prompt(openai, tools=[WEATHER])
+
+
+def test_tokenizer_without_function_tokens_still_works(tmp_path, real_texts):
+    """A tokenizer trained before the function pair existed (13 specials) loads and renders every
+    conversation without functions; declaring or calling one is a clear error, not a KeyError."""
+    old = Tokenizer.train(real_texts["gsm8k"][:200], vocab_size=512, special_tokens=SPECIAL_TOKENS[:13])
+    old.save(tmp_path)
+    old = Tokenizer.load(tmp_path)
+    assert "<|function_start|>" not in old.special_tokens and old.vocab_size == 512
+    ids, _ = old.render_conversation(TOOL_CONVERSATION)
+    assert old.parse_conversation(ids) == TOOL_CONVERSATION
+    with pytest.raises(ChatforgeError, match="predates user-defined functions.*chatforge tokenizer --force"):
+        old.render_conversation(FUNCTION_CONVERSATION)
+    with pytest.raises(ChatforgeError, match="predates user-defined functions"):
+        old.render_prompt([{"role": "user", "content": "hi"}], tools=[WEATHER])
+    # the HF export of an old tokenizer still renders conversations without functions the same way
+    old.export_hf(tmp_path / "hf")
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert hf.apply_chat_template(TOOL_CONVERSATION, tokenize=True, return_dict=False) == ids
+
+
+def test_bad_function_calls_are_clear_errors(trained):
+    user = {"role": "user", "content": "x"}
+
+    def call(args, name="get_weather"):
+        return [user, {"role": "assistant", "content": "", "tool_calls": [{"name": name, "arguments": args}]}]
+
+    with pytest.raises(ChatforgeError, match="get_weather.*not valid JSON"):
+        trained.render_conversation(call('{"city": "Oslo"'), tools=[WEATHER])
+    with pytest.raises(ChatforgeError, match="must be a JSON object"):
+        trained.render_conversation(call('["Oslo"]'), tools=[WEATHER])
+    with pytest.raises(ChatforgeError, match=r"unknown tool 'get_time'.*declared function \(get_weather\)"):
+        trained.render_conversation(call({}, name="get_time"), tools=[WEATHER])
+    with pytest.raises(ChatforgeError, match="unknown tool 'get_weather'.*none"):
+        trained.render_conversation(call({}))  # no functions declared at all
+    with pytest.raises(ChatforgeError, match="built-in tool's; rename"):
+        trained.render_conversation([user], tools=[{"name": "python"}])
+    with pytest.raises(ChatforgeError, match="declared twice"):
+        trained.render_conversation([user], tools=[WEATHER, WEATHER])
+    with pytest.raises(ChatforgeError, match="give them once"):
+        trained.render_conversation(FUNCTION_CONVERSATION, tools=[WEATHER])
+    with pytest.raises(ChatforgeError, match="non-empty 'name'"):
+        trained.render_conversation([user], tools=[{"description": "no name"}])
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad input: one clear error naming the input
 
 
 def test_vocab_too_small():
-    with pytest.raises(ChatforgeError, match=r"--vocab_size 200 is too small.*at least 269"):
+    with pytest.raises(ChatforgeError, match=r"--vocab_size 200 is too small.*at least 271"):
         Tokenizer.train(["some text"], vocab_size=200)
 
 
