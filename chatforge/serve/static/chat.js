@@ -30,8 +30,7 @@ function safeUrl(url) {
 
 function inline(text, parent) {
   let last = 0;
-  INLINE.lastIndex = 0;
-  for (let m; (m = INLINE.exec(text)) !== null;) {
+  for (const m of text.matchAll(INLINE)) {  // (matchAll scans a copy of the regex: recursion cannot disturb it)
     if (m.index > last) parent.appendChild(document.createTextNode(text.slice(last, m.index)));
     if (m[1] !== undefined) parent.appendChild(el("code", "", m[2]));
     else if (m[3] !== undefined || m[4] !== undefined) inline(m[3] !== undefined ? m[3] : m[4], parent.appendChild(el("strong")));
@@ -45,7 +44,7 @@ function inline(text, parent) {
         parent.appendChild(a);
       } else parent.appendChild(document.createTextNode(m[0]));
     }
-    last = INLINE.lastIndex;
+    last = m.index + m[0].length;
   }
   if (last < text.length) parent.appendChild(document.createTextNode(text.slice(last)));
 }
