@@ -34,7 +34,7 @@ def engine(tok):
 
 @pytest.fixture(scope="module")
 def base(engine):
-    cfg = ServeConfig(checkpoint="unused", max_batch_size=8, max_tokens=40, batching="static")
+    cfg = ServeConfig(checkpoint="unused", max_batch_size=8, max_tokens=40)
     with serve(create_app(engine, cfg, model_name=MODEL)) as url:
         yield url
 
@@ -242,7 +242,7 @@ def test_host_header_guard(base):
 
 
 def test_api_key(engine, tok):
-    cfg = ServeConfig(checkpoint="unused", api_key="s3cret-key", max_tokens=4, batching="static")
+    cfg = ServeConfig(checkpoint="unused", api_key="s3cret-key", max_tokens=4)
     with serve(create_app(engine, cfg, model_name=MODEL)) as url:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"},
                         {"Authorization": "Bearer s3cret-ke"}):
@@ -273,3 +273,64 @@ def test_ui_is_served_offline_with_a_strict_policy(base):
         text = httpx.get(f"{base}/static/{name}").text
         assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text), name
         assert "@import" not in text and "innerHTML" not in text, name
+
+
+def test_concurrent_clients_get_what_each_would_get_alone(base, engine, tok):
+    """12 clients at once on a batch of 8: requests wait, join the running batch at step boundaries and
+    leave it when done; every reply is still the one the engine gives that prompt alone."""
+    import asyncio
+
+    questions = [f"question {i}: " + " ".join(["what is the capital of france"] * (i % 4 + 1)) for i in range(12)]
+    lengths = [5 + 7 * (i % 5) for i in range(12)]
+
+    async def ask(client, q, n):
+        r = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}],
+                                                 max_tokens=n, temperature=0)
+        return r.choices[0].message.content
+
+    async def all_at_once():
+        async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60) as client:
+            return await asyncio.gather(*(ask(client, q, n) for q, n in zip(questions, lengths)))
+
+    before = httpx.get(base + "/health").json()
+    got = asyncio.run(all_at_once())
+    for q, n, text in zip(questions, lengths, got):
+        [c] = engine.generate([tok.render_prompt([{"role": "user", "content": q}])], max_tokens=n, temperature=0)
+        assert text == c.text, q
+    h = httpx.get(base + "/health").json()
+    assert h["batching"] == "continuous" and h["max_rows"] > 1 and h["finished"] - before["finished"] == 12
+    assert h["running"] == h["waiting"] == 0
+
+
+def test_cli_serve_loads_a_checkpoint(tmp_path, tok, monkeypatch, capsys):
+    """`chatforge serve CHECKPOINT --flags`: the checkpoint's engine behind the app uvicorn is given."""
+    import uvicorn
+
+    from chatforge.cli import main
+    from engine_helpers import make_checkpoint
+
+    tok.save(tmp_path / "tok")
+    ckpt = make_checkpoint(tmp_path / "myrun" / "sft" / "checkpoint", tmp_path / "tok", tok.vocab_size, max_seq_len=64)
+    seen = {}
+
+    def fake_run(app, host, port, **kw):  # instead of serving forever: one request, then return
+        seen.update(host=host, port=port)
+        with serve(app) as url:
+            seen["models"] = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k"}).json()
+            seen["no_key"] = httpx.get(url + "/v1/models").status_code
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.delenv("CHATFORGE_API_KEY", raising=False)
+    assert main(["serve", str(ckpt), "--port", "9123", "--api_key", "k", "--batching", "static", "--threads", "1",
+                 "--tools", "false"]) == 0
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 9123 and seen["no_key"] == 401
+    card = seen["models"]["data"][0]
+    assert card["id"] == "myrun-sft" and card["max_model_len"] == 64 and card["tools"] == []
+    assert "http://127.0.0.1:9123/v1" in capsys.readouterr().out
+    monkeypatch.setenv("CHATFORGE_API_KEY", "from-env")  # the key can come from the environment (not argv)
+    assert main(["serve", str(ckpt), "--batching", "static", "--threads", "1"]) == 0
+    assert seen["no_key"] == 401 and seen["models"]["error"]["code"] == "invalid_api_key"
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert "error" in capsys.readouterr().err
+    assert main(["serve", str(ckpt), "--batching", "sometimes", "--threads", "1"]) == 2
+    assert "--batching sometimes" in capsys.readouterr().err

@@ -68,7 +68,7 @@ def app_and_model():
 
     model = ScriptModel(tok.vocab_size, sp("<|output_start|>"), sp("<|output_end|>"), choose, max_seq_len=2048)
     engine = Engine(model, tok, tools=None)
-    app = create_app(engine, ServeConfig(checkpoint="unused", batching="none", max_tokens=300), model_name=MODEL)
+    app = create_app(engine, ServeConfig(checkpoint="unused", max_tokens=300), model_name=MODEL)
     return app, model, tok
 
 

@@ -24,7 +24,7 @@ from engine_helpers import train_tokenizer
 from serve_helpers import ScriptModel, serve
 
 MODEL = "scripted"
-POLICY = "none"
+POLICY = "continuous"
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "current weather of a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}

@@ -215,6 +215,7 @@ def create_app(engine, cfg, scheduler: Scheduler | None = None, model_name: str 
         raise ChatforgeError("the server needs a tokenizer: load the engine with Engine.from_checkpoint")
     scheduler = scheduler or Scheduler(engine, cfg.batching, cfg.max_batch_size, cfg.max_queue)
     srv = Server(engine, cfg, scheduler, model_name or "chatforge")
+    max_n = min(cfg.max_n, scheduler.max_batch_size)  # a request's samples decode together
     pkg = resources.files("chatforge.serve") / "static"
     static = {name: (pkg / name).read_bytes() for name in STATIC_FILES}  # read once: no file access per request
 
@@ -264,7 +265,9 @@ def create_app(engine, cfg, scheduler: Scheduler | None = None, model_name: str 
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": srv.model_name, "batching": scheduler.policy, **scheduler.stats.as_dict()}
+        body = {"status": "ok" if scheduler.alive else "error: the scheduler thread stopped", "model": srv.model_name,
+                "batching": scheduler.policy, **scheduler.stats.as_dict()}
+        return JSONResponse(body, status_code=200 if scheduler.alive else 503)
 
     def model_card() -> dict:
         from chatforge.tools import list_tools
@@ -286,7 +289,7 @@ def create_app(engine, cfg, scheduler: Scheduler | None = None, model_name: str 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_chat(parse_json(await read_body(request, cfg.max_request_bytes)), cfg.max_n)
+        req = parse_chat(parse_json(await read_body(request, cfg.max_request_bytes)), max_n)
         s = req.sampling
         srv.check_model(s.model)
         try:
@@ -334,7 +337,7 @@ def create_app(engine, cfg, scheduler: Scheduler | None = None, model_name: str 
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = parse_completion(parse_json(await read_body(request, cfg.max_request_bytes)), cfg.max_n)
+        req = parse_completion(parse_json(await read_body(request, cfg.max_request_bytes)), max_n)
         s = req.sampling
         srv.check_model(s.model)
         prompts = [srv.tok.encode(p, bos=True) for p in req.prompts]

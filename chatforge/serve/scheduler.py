@@ -5,17 +5,19 @@ decode never blocks the loop. A handler `submit`s a Job (prompt ids + sampling s
 its `queue`, which the thread fills with the tokens of every step (through the loop's
 call_soon_threadsafe); `cancel` (a client that went away) takes effect at the next step boundary.
 
-Three policies, the same engine underneath (`--batching`):
+Three policies (`--batching`), all on the engine's step-level Batch (chatforge/engine.py), so they
+differ only in when a waiting request may join:
 
-- continuous (default): the engine's step-level Batch (chatforge/engine.py). Between two decode
-  steps the thread admits waiting requests while the running batch has rows free, and the engine
-  drops finished or cancelled rows from the batch and its KV cache, so a short request never waits
-  for a long one and the batch stays full under load (Orca, Yu et al. 2022; vLLM).
-- static: take the requests waiting now (up to max_batch_size rows, those with identical sampling
-  settings; a window of STATIC_WINDOW_S lets a burst gather), run them as one Engine.generate to the
-  end, then the next group. The classic baseline: one long reply holds up its whole group, and a
-  cancelled request keeps its row until the group ends.
-- none: one request at a time (Engine.generate), the simplest server.
+- continuous (default): between any two decode steps, while the batch has rows free. The engine
+  drops finished or cancelled rows from the batch and its KV cache at once, so a short request
+  never waits for a long one and the batch stays full under load (Orca, Yu et al. 2022; vLLM).
+- static: only when the batch is empty; then up to max_batch_size rows join together (a window of
+  STATIC_WINDOW_S lets a burst gather) and run until the last of them ends. The classic baseline:
+  one long reply holds up its whole group.
+- none: one request at a time.
+
+A cancelled request (its client went away) leaves the batch at the next step boundary under every
+policy.
 
 The queue is bounded: `submit` raises QueueFull when max_queue requests are already waiting (the app
 answers 429), so memory and waiting time stay bounded however many clients connect.
@@ -54,10 +56,6 @@ class GenParams:
     stop_strings: tuple[str, ...] = ()
     use_tools: bool = True
     max_tool_calls: int = 4
-
-
-class _Cancelled(Exception):
-    """Raised inside Engine.generate's on_token to abandon a request run alone (batching none)."""
 
 
 class Job:
@@ -107,9 +105,6 @@ class Scheduler:
     def __init__(self, engine, policy: str = "continuous", max_batch_size: int = 16, max_queue: int = 64):
         if policy not in POLICIES:
             raise ChatforgeError(f"--batching {policy}: use one of {', '.join(POLICIES)}")
-        if policy == "continuous" and not hasattr(engine, "batch"):
-            raise ChatforgeError("--batching continuous needs the engine's step-level API (Engine.batch); "
-                                 "this engine has none: use --batching static or none")
         if max_batch_size < 1 or max_queue < 0:
             raise ChatforgeError(f"max_batch_size ({max_batch_size}) must be >= 1 and max_queue ({max_queue}) >= 0")
         self.engine, self.policy = engine, policy
@@ -153,6 +148,10 @@ class Scheduler:
                 self._cancels.append(job)
                 self._cv.notify()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> "Scheduler":
         self._thread = threading.Thread(target=self._run, name="chatforge-scheduler", daemon=True)
         self._thread.start()
@@ -168,8 +167,13 @@ class Scheduler:
     # -- the thread -------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        import torch
+
         try:
-            {"continuous": self._continuous, "static": self._static, "none": self._static}[self.policy]()
+            # Batch.step is inference_mode; cancel() edits the same KV cache tensors, which torch only
+            # allows inside inference_mode too, so the whole thread runs in it.
+            with torch.inference_mode():
+                self._loop()
         finally:  # whatever is left gets an answer, never a hang
             with self._cv:
                 left = list(self._waiting)
@@ -177,82 +181,35 @@ class Scheduler:
             for job in left:
                 job.post(("error", "the server is shutting down"))
 
-    def _take(self, limit_rows: int, like: GenParams | None = None) -> list[Job]:
-        """Pop waiting jobs (in order) that fit in limit_rows; with `like`, only jobs with those settings.
-        Call with the lock held."""
+    def _take(self, limit_rows: int, limit_jobs: int | None = None) -> list[Job]:
+        """Pop waiting jobs, in order, while they fit in limit_rows. Call with the lock held."""
         taken, rows = [], 0
-        for job in list(self._waiting):
-            if rows + job.params.n > limit_rows:
+        while self._waiting and rows + self._waiting[0].params.n <= limit_rows:
+            if limit_jobs is not None and len(taken) >= limit_jobs:
                 break
-            if like is not None and job.params != like:
-                continue
-            self._waiting.remove(job)
+            job = self._waiting.popleft()
             taken.append(job)
             rows += job.params.n
         self.stats.waiting = len(self._waiting)
         return taken
 
-    def _static(self) -> None:
-        """Policies static and none: each group runs as one Engine.generate call."""
-        limit = self.max_batch_size if self.policy == "static" else 1
-        while True:
-            with self._cv:
-                while not self._waiting and not self._closed:
-                    self._cv.wait()
-                if self._closed:
-                    return
-                self._cancels.clear()  # jobs cancelled while running are handled by their on_token
-                first = self._waiting[0]
-                group = self._take(max(limit, first.params.n) if self.policy == "static" else first.params.n,
-                                   like=first.params if self.policy == "static" else None)
-            if self.policy == "static" and sum(j.params.n for j in group) < limit:
-                time.sleep(STATIC_WINDOW_S)  # let a burst of requests join this group
-                with self._cv:
-                    group += self._take(limit - sum(j.params.n for j in group), like=first.params)
-            self._generate(group)
+    def _admit(self, rows: int, busy: bool) -> list[Job]:
+        """The policy: which waiting jobs join the batch now. Call with the lock held."""
+        if self.policy == "continuous":
+            return self._take(self.max_batch_size - rows)
+        if busy:  # static and none: nothing joins a running group
+            return []
+        if self.policy == "none":
+            return self._take(self.max_batch_size, limit_jobs=1)
+        deadline = time.monotonic() + STATIC_WINDOW_S  # static: let a burst gather
+        while sum(j.params.n for j in self._waiting) < self.max_batch_size and not self._closed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._cv.wait(left)
+        return self._take(self.max_batch_size)
 
-    def _generate(self, group: list[Job]) -> None:
-        p = group[0].params
-        slots = [(job, j) for job in group for j in range(p.n)]  # generate's prompt-major order
-        alone = len(group) == 1
-
-        def on_token(i: int, token: int, sampled: bool) -> None:
-            job, j = slots[i]
-            if job.cancelled:
-                if alone:
-                    raise _Cancelled
-                return  # static: the row runs on with its group; nobody reads it
-            job.post(("tokens", [(j, token, sampled, None)]))
-
-        self.stats.running, self.stats.rows = len(group), len(slots)
-        self.stats.max_rows = max(self.stats.max_rows, len(slots))
-        try:
-            comps = self.engine.generate([job.prompt for job in group], n=p.n, max_tokens=p.max_tokens,
-                                         temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed,
-                                         stop_tokens=p.stop_tokens, stop_strings=p.stop_strings,
-                                         on_token=on_token, use_tools=p.use_tools, max_tool_calls=p.max_tool_calls)
-        except _Cancelled:
-            self.stats.cancelled += 1
-            group[0].post(("error", "cancelled"))
-            return
-        except Exception as e:  # a bug or a device error: every job of the group gets the message
-            self.stats.failed += len(group)
-            for job in group:
-                job.post(("error", f"generation failed: {type(e).__name__}: {e}"))
-            return
-        finally:
-            self.stats.running = self.stats.rows = 0
-        self.stats.steps += int(self.engine.stats.get("decode_steps", self.engine.stats.get("steps", 0)))
-        for k, job in enumerate(group):
-            if job.cancelled:
-                self.stats.cancelled += 1
-                job.post(("error", "cancelled"))
-            else:
-                self.stats.finished += 1
-                job.post(("done", comps[k * p.n:(k + 1) * p.n]))
-
-    def _continuous(self) -> None:
-        """Policy continuous: admit at step boundaries into the engine's running Batch."""
+    def _loop(self) -> None:
         from chatforge.engine import SamplingParams
 
         batch = self.engine.batch(max_batch_size=self.max_batch_size)
@@ -264,55 +221,56 @@ class Scheduler:
                     self._cv.wait()
                 if self._closed:
                     return
+                new = self._admit(rows, busy=bool(running))
                 cancels, self._cancels = self._cancels, []
-                new = self._take(self.max_batch_size - rows)
-            for job in cancels:
-                if job.request is not None and job.request.id in running:
-                    batch.cancel(job.request)
-                    del running[job.request.id]
-                    rows -= job.params.n
-                self.stats.cancelled += 1
-                job.post(("error", "cancelled"))
-            for job in new:
-                if job.cancelled:
-                    continue
-                p = job.params
-                try:
-                    job.request = batch.add(job.prompt, SamplingParams(
-                        max_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                        seed=p.seed, n=p.n, stop_tokens=p.stop_tokens, stop_strings=p.stop_strings,
-                        use_tools=p.use_tools, max_tool_calls=p.max_tool_calls))
-                except ChatforgeError as e:
-                    self.stats.failed += 1
-                    job.post(("error", str(e)))
-                    continue
-                running[job.request.id] = job
-                rows += p.n
-            if not running:
-                continue
             try:
+                for job in cancels:  # between two steps: the engine drops the rows and their cache
+                    if job.request is not None and job.request.id in running:
+                        batch.cancel(job.request)
+                        del running[job.request.id]
+                        rows -= job.params.n
+                    self.stats.cancelled += 1
+                    job.post(("error", "cancelled"))
+                for job in new:
+                    if job.cancelled:  # (cancel() already answered it)
+                        continue
+                    p = job.params
+                    try:
+                        job.request = batch.add(job.prompt, SamplingParams(
+                            max_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                            seed=p.seed, n=p.n, stop_tokens=p.stop_tokens, stop_strings=p.stop_strings,
+                            use_tools=p.use_tools, max_tool_calls=p.max_tool_calls))
+                    except ChatforgeError as e:
+                        self.stats.failed += 1
+                        job.post(("error", str(e)))
+                        continue
+                    running[job.request.id] = job
+                    rows += p.n
+                self.stats.running, self.stats.rows = len(running), rows
+                if not running:
+                    continue
                 events = batch.step()
-            except Exception as e:  # every running job gets the message; a fresh batch goes on
-                self.stats.failed += len(running)
-                for job in running.values():
+                self.stats.steps += 1
+                self.stats.max_rows = max(self.stats.max_rows, len(events))
+                per_job: dict[int, list] = {}
+                for ev in events:
+                    per_job.setdefault(ev.request.id, []).append((ev.index, ev.token, ev.sampled, ev.finish_reason))
+                for rid, evs in per_job.items():
+                    job = running[rid]
+                    job.post(("tokens", evs))
+                    if job.request.done:
+                        del running[rid]
+                        rows -= job.params.n
+                        self.stats.finished += 1
+                        job.post(("done", job.request.completions))
+                self.stats.running, self.stats.rows = len(running), rows
+            except Exception as e:  # a bug or a device error: the running jobs get the message (500), the
+                # thread goes on with a fresh batch instead of dying and leaving every later request hanging
+                lost = {id(j): j for j in [*running.values(), *new] if not j.done}
+                self.stats.failed += len(lost)
+                for job in lost.values():
                     job.post(("error", f"generation failed: {type(e).__name__}: {e}"))
                 running.clear()
                 rows = 0
+                self.stats.running = self.stats.rows = 0
                 batch = self.engine.batch(max_batch_size=self.max_batch_size)
-                continue
-            self.stats.steps += 1
-            self.stats.max_rows = max(self.stats.max_rows, len(events))
-            per_job: dict[int, list] = {}
-            for ev in events:
-                per_job.setdefault(ev.request.id, []).append((ev.index, ev.token, ev.sampled, ev.finish_reason))
-            for rid, evs in per_job.items():
-                job = running.get(rid)
-                if job is None:
-                    continue
-                job.post(("tokens", evs))
-                if job.request.done:
-                    del running[rid]
-                    rows -= job.params.n
-                    self.stats.finished += 1
-                    job.post(("done", job.request.completions))
-            self.stats.running, self.stats.rows = len(running), rows
