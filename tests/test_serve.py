@@ -154,6 +154,7 @@ BAD = [  # (body, status, param, words in the message)
     (b'{"model": "tiny-test", "messages": [', 400, None, "not valid JSON"),
     (b"\xff\xfe", 400, None, "UTF-8"),
     (b"[1, 2]", 400, None, "JSON object"),
+    (b"[" * 200_000, 400, None, "nests too deeply"),
     ({"messages": USER}, 400, "model", "'model' is required"),
     ({"model": "gpt-4", "messages": USER}, 404, "model", "does not exist"),
     (ok(messages=[]), 400, "messages", "empty"),

@@ -37,6 +37,11 @@ def run(cfg) -> None:
     engine = Engine.from_checkpoint(cfg.checkpoint, cfg.device, tools=tools)
     name = cfg.model_name or model_name(cfg.checkpoint)
     app = create_app(engine, cfg, model_name=name)
+    from chatforge.serve.app import is_loopback
+
+    if not is_loopback(cfg.host) and not cfg.api_key:
+        print(f"chatforge serve: warning: listening on {cfg.host} without an API key: anyone who can reach this "
+              f"port can use the model and its python tool; set --api_key or $CHATFORGE_API_KEY", flush=True)
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     print(f"chatforge serve: model {name!r} ({cfg.checkpoint}), batching {cfg.batching}, "
           f"tools {'on' if tools else 'off'}, API key {'required' if cfg.api_key else 'off'}\n"
