@@ -265,6 +265,33 @@ class ReportConfig(CommonConfig):
 
 
 @dataclass
+class ServeConfig:
+    """`chatforge serve CHECKPOINT`: an OpenAI-compatible HTTP API and a web chat UI (chatforge/serve)."""
+
+    checkpoint: str = option("", "checkpoint folder (e.g. runs/tiny/sft/checkpoint)")
+    host: str = option("127.0.0.1", "address to listen on; the default takes connections from this machine only "
+                                    "(0.0.0.0 exposes the server to the network: set an API key)")
+    port: int = option(8000, "TCP port")
+    api_key: str = option("", "require 'Authorization: Bearer KEY' on /v1 (default: $CHATFORGE_API_KEY, "
+                              "else no key; a key on the command line is visible to other local users)")
+    model_name: str = option("", "the model id clients send and /v1/models lists (default: <run>-<stage>, "
+                                 "from the checkpoint path)")
+    batching: str = option("continuous", "continuous (admit requests at step boundaries) | static (run a "
+                                         "group of requests to the end, then the next) | none (one at a time)")
+    max_batch_size: int = option(16, "sequences decoded together (a request with n samples takes n)")
+    max_queue: int = option(64, "requests waiting for a slot; more are answered 429")
+    max_tokens: int = option(512, "reply length when a request does not set max_tokens (capped by the context)")
+    max_n: int = option(8, "largest n (samples per request) accepted")
+    max_request_bytes: int = option(1_000_000, "largest request body accepted (413 above)")
+    tools: bool = option(True, "let the model call the python sandbox and search while it writes a reply")
+    index: str = option("", "search index (default: <run>/index/search.sqlite next to the checkpoint's stage, "
+                            "if it exists)")
+    max_tool_calls: int = option(4, "built-in tool calls per reply")
+    device: str = option("auto", "cuda | mps | cpu | auto")
+    threads: int = option(0, "torch threads; 0 = one per core")
+
+
+@dataclass
 class SpeedrunConfig(CommonConfig):
     preset: str = option("tiny", "preset every stage starts from")
     config: str = option("", "TOML file with a [<stage>] section per stage (flags here still win)")
