@@ -12,6 +12,7 @@ fills what the user did not say. Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -109,7 +110,7 @@ class TokenizerConfig(CommonConfig):
 @dataclass
 class PretrainConfig(CommonConfig):
     """Base-model pretraining. Fields left at 0 are derived from --depth by
-    `chatforge.stages.pretrain.derive_settings` (printed before training); any of them can be set."""
+    `chatforge.plan.derive_settings` (printed before training); any of them can be set."""
 
     # data
     corpus: list[str] = option(
@@ -150,6 +151,40 @@ class PretrainConfig(CommonConfig):
     compile: bool = option(False, "torch.compile the training model (CUDA; CPU too when a C++ compiler exists)")
     fsdp: bool = option(False, "shard the model with FSDP2 fully_shard instead of DDP replicas")
     dry_run: bool = option(False, "print the derived settings and time/cost estimates, then exit")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Per-field ranges, checked when the config is built (so a bad flag, preset or TOML value is
+        one ConfigError naming it before anything runs). Settings that depend on each other (the batch
+        dividing across ranks, the model shape) are checked by chatforge.plan.derive_settings."""
+        at_least = {"depth": 1, "max_seq_len": 1, "device_batch_size": 1, "doc_chars": 1, "eval_tokens": 1,
+                    "threads": 0, "n_embd": 0, "n_head": 0, "n_kv_head": 0, "total_batch_size": 0,
+                    "num_iterations": 0, "max_chars": 0, "eval_every": 0, "sample_every": 0,
+                    "checkpoint_every": 0}
+        zero_means = {"threads": "one per core", "n_embd": "derived", "n_head": "derived", "n_kv_head": "derived",
+                      "total_batch_size": "derived", "num_iterations": "derived from the token budget",
+                      "max_chars": "all of it", "eval_every": "only at the end", "sample_every": "only at the end",
+                      "checkpoint_every": "only at the end"}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value < low:
+                hint = f" (0 = {zero_means[name]})" if name in zero_means else ""
+                raise ConfigError(f"--{name} {value}: must be at least {low}{hint}")
+        for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay", "grad_clip",
+                     "target_param_data_ratio"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"--{name} {value}: must be a finite number >= 0")
+        for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:  # also false for nan
+                raise ConfigError(f"--{name} {value}: must be between 0 and 1")
+        if not 0 < self.val_fraction <= 0.5:
+            raise ConfigError(f"--val_fraction {self.val_fraction}: must be in (0, 0.5]")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"--dtype {self.dtype}: choose auto, float32 or bfloat16")
 
 
 @dataclass
