@@ -70,8 +70,10 @@ class RLTask:
         return items[:n] if n else items
 
     def reward(self, reply: str, item: RLItem) -> tuple[float, str]:
-        """(reward, reason): 1 (+ format_weight if formatted) "correct"; 0 (+ format_weight) "wrong";
-        0 "empty", "no_answer", or "verifier_error: <Exception>" (a verifier bug must not kill a run)."""
+        """(reward, reason), reason one of "correct" (reward 1), "wrong" (0), "no_answer" (0: nothing
+        parseable), "empty" (0) and "verifier_error: <Exception>" (0: a verifier bug must not kill a
+        run). With format_weight, a correct, wrong or unparseable reply that has the task's answer format
+        gets format_weight added (an empty reply or a verifier error never does)."""
         if not isinstance(reply, str) or not reply.strip():
             return 0.0, "empty"
         try:
