@@ -24,7 +24,8 @@ Fairness:
   background load on a shared machine slows all of them alike.
 
     python bench/bench_pretrain.py --seconds 240          # needs runs/tiny/tokenizer (chatforge tokenizer --preset tiny)
-    python bench/bench_pretrain.py --seconds 5 --compile off --ours_lr_scales 1 --hf_lrs 0.001 --extend 0   # smoke test
+    python bench/bench_pretrain.py --seconds 4 --compile off --ours_lr_scales 1 --hf_lrs 0.001 --extend 1 \
+        --eval_tokens 8192                                # smoke test (about a minute)
 
 Prints, per compile mode, tokens/s, steps and validation loss / bits per byte of every contestant, the
 best rate of each side and the tokens/s and loss of best vs best. Run it on a quiet machine.
@@ -122,6 +123,7 @@ def main():
     ap.add_argument("--hf_lrs", default="0.0005,0.001,0.002", help="AdamW peak LRs to sweep for transformers")
     ap.add_argument("--extend", type=int, default=2,
                     help="extra rates per side when its best rate is at an end of the sweep (default 2)")
+    ap.add_argument("--eval_tokens", type=int, default=0, help="validation tokens scored (default: the preset's)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -137,7 +139,7 @@ def main():
     index = build_token_shards(tokens_dir, tok, resolve_corpus(cfg), data_dir=cfg.data_dir, doc_chars=cfg.doc_chars,
                                max_chars=cfg.max_chars, val_fraction=cfg.val_fraction)
     train, val = TokenStream(tokens_dir, index, "train"), TokenStream(tokens_dir, index, "val")
-    windows = eval_windows(val, plan.seq_len, cfg.eval_tokens)
+    windows = eval_windows(val, plan.seq_len, args.eval_tokens or cfg.eval_tokens)
     token_bytes = torch.tensor(tok.token_bytes())
     B, T, accum = plan.device_batch_size, plan.seq_len, plan.grad_accum
 
@@ -222,7 +224,7 @@ def main():
     n_first = len(modes) * sum(map(len, sweeps.values()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, budget {args.seconds:.0f}s per contestant, "
           f"{n_first} contestants (+ up to {2 * args.extend * len(modes)} to bracket the optima): at least "
-          f"{n_first * args.seconds / 60:.0f} min; batch {plan.total_batch_size} tokens ({B}x{T}x{accum}), "
+          f"{n_first * args.seconds / 60:.1f} min; batch {plan.total_batch_size} tokens ({B}x{T}x{accum}), "
           f"train {len(train):,} tokens, val {len(windows) * T:,} tokens")
 
     summary = []

@@ -26,7 +26,7 @@ Learning rates (nanochat `scripts/base_train.py`, tuned at width 768):
 
 Both optimizers live in one `MultiOptimizer`, stepped and scheduled as one. Checkpoints save their
 state with torch.distributed.checkpoint's `get_optimizer_state_dict(model, list(opt.optimizers.values()))`
-(chatforge/stages/pretrain.py), which keys it by parameter name and gathers FSDP shards.
+(chatforge/train_loop.py, Checkpointer), which keys it by parameter name and gathers FSDP shards.
 """
 
 from __future__ import annotations

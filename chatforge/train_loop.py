@@ -31,7 +31,8 @@ A stage, in full (pretraining is chatforge/stages/pretrain.py):
 `loss_fn(model, batch)` gets the module to call for training (DDP- and compile-wrapped) and one
 micro-batch as the batch source returned it; it returns the mean loss of that micro-batch, or
 (loss, {"name": value, ...}) whose values are averaged over micro-steps and ranks and logged with
-the step (a value named `n_tokens` is summed instead and used for tokens/s). The step's gradient is
+the step (a value named `n_tokens` is summed instead and used for tokens/s; every rank and micro-step
+must report the same names). The step's gradient is
 the mean of the micro-batch losses' gradients. A batch source is anything with `next_batch()`; with
 `state_dict()` / `load_state_dict()` too, its position is saved and resumed exactly.
 """
@@ -86,7 +87,7 @@ class TrainState:
     smooth_loss: float = 0.0  # EMA (0.9) of the step loss, not bias-corrected
     last_loss: float | None = None  # the last step's loss
     metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation's results
-    best: float | None = None  # lowest value of LoopConfig.best_metric so far
+    best: float | None = None  # best value of LoopConfig.best_metric so far
     last_eval_step: int = -1  # a resumed run does not repeat an evaluation / samples made at its step
     last_sample_step: int = -1
     data: dict | None = None  # the batch source's state_dict at the last checkpoint
@@ -123,7 +124,8 @@ class LoopConfig:
     eval_every: int = 0  # steps between evaluations (0 = only at the end)
     sample_every: int = 0  # steps between samples (0 = only at the end)
     checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end and on a stop)
-    best_metric: str = ""  # evaluation result whose lowest value TrainState.best keeps
+    best_metric: str = ""  # evaluation result whose best value TrainState.best keeps
+    best_higher: bool = False  # higher is better for best_metric (a reward, an accuracy); else lower (a loss)
     name: str = "train"  # the progress bar's label
     diverge_hint: str = "lower the learning rate or raise the warmup, or check the data"
 
@@ -313,8 +315,11 @@ class Trainer:
                  sample: Callable[["Trainer"], list[str]] | None = None,
                  checkpointer: Checkpointer | None = None, log: Callable[..., None] | None = None,
                  say: Callable[[str], None] = log0, peak_flops: float | None = None):
-        if not isinstance(model, PreparedModel):
-            model = PreparedModel(module=model, train=model, eager=model)
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # wrapped by the caller
+            model = PreparedModel(module=model.module, train=model, eager=model)
+        elif not isinstance(model, PreparedModel):
+            model = PreparedModel(module=model, train=model, eager=model,
+                                  sharded=hasattr(model, "set_requires_gradient_sync"))  # FSDP2 fully_shard
         if config.grad_accum < 1 or config.num_steps < 0:
             raise ValueError(f"grad_accum must be >= 1 and num_steps >= 0, got {config}")
         self.model, self.optimizer, self.loss_fn, self.batches, self.config = model, optimizer, loss_fn, batches, config
@@ -484,7 +489,7 @@ class Trainer:
             s.metrics = results
             if cfg.best_metric in results:
                 v = results[cfg.best_metric]
-                s.best = v if s.best is None else min(s.best, v)
+                s.best = v if s.best is None else max(s.best, v) if cfg.best_higher else min(s.best, v)
             self.log(event="eval", step=s.step, **results, seconds=round(time.time() - t0, 3))
             s.last_eval_step = s.step
         if self.sample_fn and s.step > 0 and s.step != s.last_sample_step and self._due(cfg.sample_every, last):

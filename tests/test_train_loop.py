@@ -209,6 +209,13 @@ def test_periodic_work_on_schedule(tmp_path):
     assert rec["lr"] == pytest.approx(0.02 * rec["lr_mult"]) and rec["tokens_per_s"] > 0
 
 
+def test_best_metric_higher_is_better():
+    vals = iter([0.5, 0.7, 0.6])
+    t = make_trainer(new_model(), PackedLoader(stream(), 4, 16, seed=1), 3, eval_every=1, best_metric="reward",
+                     best_higher=True, evaluate=lambda t: {"reward": next(vals)})
+    assert t.run().best == 0.7
+
+
 def test_train_state_reads_checkpoints_from_before_the_loop():
     old = {"step": 7, "tokens_seen": 70, "loader": {"epoch": 0, "position": 28}, "val_bpb": 2.5,
            "min_val_bpb": 2.4, "smooth_loss": 1.0, "train_time": 3.0, "last_eval_step": 5}
