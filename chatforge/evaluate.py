@@ -15,7 +15,8 @@ Tasks (`list_tasks()`; groups: base, core, chat, probes, all):
     chat_arc_easy chat_arc_challenge mmlu
                         multiple choice in chat form, answered with a letter
     probe_* [_tools]    weak-spot probes from chatforge.tasks.synthetic (letter counting, spelling,
-                        reversal, decimal comparison, multi-digit arithmetic), with and without tools
+                        reverse, decimal comparison, multi-digit arithmetic) on its held-out 'val'
+                        split, with and without tools
     probe_identity probe_fictional probe_known_facts
                         TODO(next phase): hooks only, recorded as "not implemented"
 
@@ -40,7 +41,6 @@ finished; a rerun reuses results whose checkpoint and settings are unchanged and
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import random
@@ -56,7 +56,7 @@ from chatforge.common import ChatforgeError, write_json
 from chatforge.common import data_dir as data_root_of
 from chatforge.model import KVCache
 from chatforge.stages.pretrain import Dist, evaluate_bpb, unigram_bpb  # TODO(merge): from chatforge.bpb
-from chatforge.tasks import mc
+from chatforge.tasks import mc, synthetic
 
 EVAL_FORMAT = 1
 
@@ -88,9 +88,7 @@ def _registry() -> dict[str, Task]:
         Task("chat_arc_challenge", "ARC-Challenge (chat)", "chat_mc", "chat", source="arc_challenge"),
         Task("mmlu", "MMLU", "chat_mc", "chat", source="mmlu"),
     ]
-    # Weak-spot probes: problems and checkers come from chatforge.tasks.synthetic (branch sftlib):
-    # make_problems(kind, n, split, seed) -> [{"question"|"prompt"|"messages", "answer"}],
-    # check_answer(kind, reply, answer) -> bool. The kind strings below are the ones asked of it.
+    # Weak-spot probes: problems (held-out 'val' split) and checkers from chatforge.tasks.synthetic.
     for name, title, kind in PROBES:
         tasks.append(Task(f"probe_{name}", title, "probe", "probes", source=kind))
         tasks.append(Task(f"probe_{name}_tools", f"{title} (tools)", "probe", "probes", tools=True, source=kind))
@@ -103,9 +101,11 @@ def _registry() -> dict[str, Task]:
     return {t.name: t for t in tasks}
 
 
+# (task name suffix, title, chatforge.tasks.synthetic kind): one pair of tasks per synthetic.KINDS entry.
 PROBES = [("letter_count", "letter counting", "letter_count"), ("spelling", "spelling", "spelling"),
-          ("reversal", "reversal", "reversal"), ("decimal_compare", "decimal comparison", "decimal_compare"),
+          ("reverse", "word reversal", "reverse"), ("decimal_compare", "decimal comparison", "decimal_compare"),
           ("arithmetic", "multi-digit arithmetic", "arithmetic")]
+assert sorted(k for _, _, k in PROBES) == sorted(synthetic.KINDS), "a synthetic kind without its probe"
 TASKS: dict[str, Task] = _registry()
 GROUPS: dict[str, list[str]] = {
     "core": list(mc.CORE_TASKS),
@@ -445,31 +445,16 @@ def check_reply(task: Task, item: dict, reply: str, python_timeout: float = 5.0)
         got = mc.extract_choice_letter(reply, len(item["choices"]))
         return got == item["answer"], got
     if task.kind == "probe":
-        ok = bool(_synthetic().check_answer(task.source, reply, item["answer"]))
-        return ok, None
+        ok = synthetic.check_answer(task.source, reply, item["answer"])
+        return ok, synthetic.extract_answer(reply)
     raise ValueError(f"no checker for task {task.name}")
 
 
-def _synthetic():
-    """chatforge.tasks.synthetic (branch sftlib), or None while it is not there."""
-    try:
-        return importlib.import_module("chatforge.tasks.synthetic")
-    except ModuleNotFoundError as e:
-        if e.name in ("chatforge.tasks.synthetic",):
-            return None
-        raise
-
-
 def _probe_items(task: Task, n: int, seed: int) -> list[dict]:
-    syn = _synthetic()
-    out = []
-    for p in syn.make_problems(task.source, n, "test", seed):
-        if "messages" in p:
-            messages = p["messages"]
-        else:
-            messages = [{"role": "user", "content": p.get("question", p.get("prompt", ""))}]
-        out.append({**p, "messages": messages, "question": messages[-1]["content"]})
-    return out
+    """n problems of the probe's synthetic kind from the held-out 'val' split (words and operand tuples
+    that SFT's synthetic conversations never use), each asked as one user turn."""
+    return [{"question": p.prompt, "answer": p.answer, "messages": [{"role": "user", "content": p.prompt}]}
+            for p in synthetic.make_problems(task.source, n, "val", seed)]
 
 
 def run_generation_task(engine, task: Task, items: list[dict], *, limit: int = 0, seed: int = 1337,
@@ -600,21 +585,18 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, tasks: Sequence[str], out
         elif task.kind == "todo":
             res = {"status": "not_implemented", "reason": "next phase: identity and hallucination probes"}
         else:
-            if task.kind == "probe" and _synthetic() is None:
-                res = {"status": "unavailable", "reason": "needs chatforge/tasks/synthetic.py (branch sftlib)"}
-            else:
-                try:
-                    items = (_probe_items(task, limit or probe_n, seed) if task.kind == "probe"
-                             else _load_chat_items(task, data_dir))
-                except ChatforgeError as e:
-                    items, res = None, {"status": "missing", "reason": str(e)}
-                if items is not None:
-                    if engine is None:
-                        engine = Engine(model, tok, tools=_eval_tools(python_timeout), device=dev)
-                    res = run_generation_task(engine, task, items, limit=0 if task.kind == "probe" else limit,
-                                              seed=seed, batch_size=batch_size,
-                                              max_tokens=min(max_tokens, 32) if task.kind == "chat_mc" else max_tokens,
-                                              python_timeout=python_timeout, progress=progress)
+            try:
+                items = (_probe_items(task, limit or probe_n, seed) if task.kind == "probe"
+                         else _load_chat_items(task, data_dir))
+            except ChatforgeError as e:
+                items, res = None, {"status": "missing", "reason": str(e)}
+            if items is not None:
+                if engine is None:
+                    engine = Engine(model, tok, tools=_eval_tools(python_timeout), device=dev)
+                res = run_generation_task(engine, task, items, limit=0 if task.kind == "probe" else limit,
+                                          seed=seed, batch_size=batch_size,
+                                          max_tokens=min(max_tokens, 32) if task.kind == "chat_mc" else max_tokens,
+                                          python_timeout=python_timeout, progress=progress)
         res.setdefault("seconds", round(time.time() - t0, 2))
         result["tasks"][task.name] = res
         result["core"] = core_summary(result["tasks"])

@@ -532,7 +532,7 @@ def probes_section(info: RunInfo) -> list[Block]:
                                          for lab in labels])
     blocks.append(Table(["probe (no tools / tools)"] + [LABEL_TITLES[lab] for lab in labels], rows))
     blocks.append(Para("Each cell: accuracy without tools / with the python tool. Probes run on chat checkpoints; "
-                       "`n/a` = the probe generators are not installed, `todo` = planned for the next phase, "
+                       "`todo` = planned for the next phase, "
                        "`-` = no chat checkpoint evaluated for that stage."))
     return blocks
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import types
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from chatforge.cli import main
 from chatforge.common import ChatforgeError
 from chatforge.engine import Engine
 from chatforge import evaluate as E
-from chatforge.tasks import mc
+from chatforge.tasks import mc, synthetic
 from chatforge.corpus import iter_documents
 from chatforge.tokenizer import Tokenizer
 from engine_helpers import ScriptedModel, random_model
@@ -290,33 +289,36 @@ def test_tools_variant_calls_the_python_sandbox(tok, shared_data):
     assert plain["tool_calls"] == 0
 
 
-def test_probes_with_the_synthetic_generators(tok, monkeypatch):
-    """Probes call chatforge.tasks.synthetic's make_problems / check_answer (branch sftlib). Here a
-    stand-in module with that API checks the wiring: kind, n, split and seed go in, each reply goes to
-    check_answer with its problem's answer."""
-    calls = []
-
-    def make_problems(kind, n, split, seed):
-        calls.append((kind, n, split, seed))
-        return [{"question": f"How many r in strawberry? ({i})", "answer": "3"} for i in range(n)]
-
-    def check_answer(kind, reply, answer):
-        return reply.strip().endswith(answer)
-
-    monkeypatch.setitem(sys.modules, "chatforge.tasks.synthetic",
-                        types.SimpleNamespace(make_problems=make_problems, check_answer=check_answer))
-    t = E.TASKS["probe_letter_count"]
-    items = E._probe_items(t, 3, seed=9)
-    assert calls == [("letter_count", 3, "test", 9)] and items[0]["messages"][0]["role"] == "user"
-    res = E.run_generation_task(scripted_engine(tok, "There are 3"), t, items, batch_size=1, max_tokens=16,
-                                progress=False)
-    assert (res["n"], res["correct"]) == (3, 3)
+@pytest.mark.parametrize("kind", synthetic.KINDS)
+def test_probes_use_the_held_out_synthetic_problems(tok, kind):
+    """Each weak-spot probe asks chatforge.tasks.synthetic's held-out ('val') problems of its kind (none
+    of them among the training problems) and grades with its check_answer: the right answer stated is
+    correct, a wrong one is not; the `_tools` variant runs the python call and grades the reply after it."""
+    name = next(n for n, _, k in E.PROBES if k == kind)
+    t, tt = E.TASKS[f"probe_{name}"], E.TASKS[f"probe_{name}_tools"]
+    items = E._probe_items(t, 5, seed=9)
+    assert [it["question"] for it in items] == [p.prompt for p in synthetic.make_problems(kind, 5, "val", 9)]
+    train = {p.prompt for p in synthetic.make_problems(kind, 400, "train", 9)}
+    assert not train & {it["question"] for it in items}
+    assert items[0]["messages"] == [{"role": "user", "content": items[0]["question"]}]
+    first = items[:1]
+    right = E.run_generation_task(scripted_engine(tok, f"The answer is {first[0]['answer']}."), t, first,
+                                  batch_size=1, max_tokens=64, progress=False)
+    wrong = E.run_generation_task(scripted_engine(tok, "The answer is 7xq."), t, first, batch_size=1,
+                                  max_tokens=64, progress=False)
+    assert (right["correct"], wrong["correct"]) == (1, 0)
+    problem = synthetic.make_problems(kind, 1, "val", 9)[0]
+    sp = tok.special_tokens
+    script = ([sp["<|python_start|>"]] + tok.encode(f"print({problem.code})") + [sp["<|python_end|>"]]
+              + tok.encode(f" The answer is {problem.answer}.") + [sp["<|assistant_end|>"]])
+    tools = E.run_generation_task(scripted_engine(tok, script), tt, first, batch_size=1, max_tokens=96,
+                                  progress=False)
+    assert tools["tool_calls"] == 1 and tools["correct"] == 1 and tools["tools"]
 
 
 def test_batched_generation_on_a_chat_checkpoint(run_root, tmp_path, shared_data):
     """A random-weight chat checkpoint through evaluate_checkpoint: batched greedy generation for the
-    chat tasks, the base suite too; probes without their generators are recorded as unavailable,
-    identity/hallucination hooks as not implemented; eval.json complete."""
+    chat tasks, the base suite too, a weak-spot probe; eval.json complete."""
     out = tmp_path / "eval.json"
     res = E.evaluate_checkpoint(run_root / "r" / "sft" / "checkpoint",
                                 ["gsm8k", "chat_arc_easy", "copa", "probe_spelling", "probe_identity"], out,
@@ -325,7 +327,7 @@ def test_batched_generation_on_a_chat_checkpoint(run_root, tmp_path, shared_data
     t = res["tasks"]
     assert res["chat"] and res["complete"] and json.loads(out.read_text()) == json.loads(json.dumps(res))
     assert t["gsm8k"]["n"] == 3 and t["chat_arc_easy"]["n"] == 3 and t["copa"]["n"] == 3
-    assert t["probe_spelling"]["status"] == ("ok" if E._synthetic() else "unavailable")
+    assert t["probe_spelling"]["status"] == "ok" and t["probe_spelling"]["n"] == 3
     assert t["probe_identity"]["status"] == "not_implemented"
     assert all(len(ex["reply"]) > 0 for ex in t["gsm8k"]["examples"])
 

@@ -59,7 +59,7 @@ def run(tmp_path) -> Path:
                   "hellaswag": {"status": "missing", "reason": "eval/hellaswag/x not found"}}
     sft_tasks = {"bpb": ok(bpb=1.75), "arc_easy": ok(accuracy=0.31, centered=0.08), "gsm8k": ok(accuracy=0.125),
                  "probe_spelling": ok(accuracy=0.2), "probe_spelling_tools": ok(accuracy=0.6),
-                 "probe_identity": {"status": "not_implemented"}, "probe_reversal": {"status": "unavailable"}}
+                 "probe_identity": {"status": "not_implemented"}, "probe_reverse": {"status": "missing", "reason": "x"}}
     write_json(root / "eval" / "base" / "eval.json", _eval("base", "pretrain", base_tasks, limit=100))
     write_json(root / "eval" / "sft" / "eval.json", _eval("sft", "sft", sft_tasks))
     return root
@@ -96,9 +96,9 @@ def test_report_sections(run):
     assert table_rows(md, "GSM8K")[1:3] == ["-", "0.125"]
     assert "BASE: 100 examples per task" in md and "RL: not run yet." in md
     assert "hellaswag: eval/hellaswag/x not found" in md
-    # probes: without / with tools; unavailable generators and next-phase hooks say so
+    # probes: without / with tools; a probe that could not run and next-phase hooks say so
     assert table_rows(md, "spelling")[1:3] == ["-", "0.200 / 0.600"]
-    assert table_rows(md, "reversal")[2] == "n/a / -" and table_rows(md, "identity")[1:3] == ["-", "todo"]
+    assert table_rows(md, "word reversal")[2] == "missing / -" and table_rows(md, "identity")[1:3] == ["-", "todo"]
 
 
 def test_markdown_lines_up_and_html_is_self_contained(run):
