@@ -17,8 +17,14 @@ Tasks (`list_tasks()`; groups: base, core, chat, probes, all):
     probe_* [_tools]    weak-spot probes from chatforge.tasks.synthetic (letter counting, spelling,
                         reverse, decimal comparison, multi-digit arithmetic) on its held-out 'val'
                         split, with and without tools
-    probe_identity probe_fictional probe_known_facts
-                        TODO(next phase): hooks only, recorded as "not implemented"
+    probe_identity      held-out identity questions (chatforge.tasks.identity): the reply names the
+                        assistant (and its maker when asked who made it), the SFT card's or a
+                        system prompt's identity
+    probe_fictional probe_fictional_known
+                        questions about fictional people (chatforge.tasks.probing): withheld ones
+                        should be refused, those in the pretraining text (the run's facts file)
+                        answered; accuracy, refusal rate, and the same on people SFT never saw
+    probe_known_facts   well-known facts (chatforge.tasks.world_facts): should be answered, not refused
 
 **Scoring the multiple-choice suite, batched.** nanochat and lm-evaluation-harness run every
 choice as its own full sequence. Here the choices of a question share their context: the context
@@ -44,8 +50,9 @@ import contextlib
 import json
 import os
 import random
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -56,7 +63,8 @@ from chatforge.common import ChatforgeError, write_json
 from chatforge.common import data_dir as data_root_of
 from chatforge.model import KVCache
 from chatforge.stages.pretrain import Dist, evaluate_bpb, unigram_bpb  # TODO(merge): from chatforge.bpb
-from chatforge.tasks import mc, synthetic
+from chatforge.tasks import identity, mc, probing, synthetic, world_facts
+from chatforge.tasks.conversations import split_of
 
 EVAL_FORMAT = 1
 
@@ -69,10 +77,10 @@ EVAL_FORMAT = 1
 class Task:
     name: str
     title: str  # for tables
-    kind: str  # bpb | core | generate | chat_mc | probe | todo
+    kind: str  # bpb | core | generate | chat_mc | probe | identity | entity | facts
     group: str  # base | chat | probes
     tools: bool = False  # the model may call the python sandbox while it answers
-    source: str = ""  # dataset (generate/chat_mc), synthetic kind (probe), CORE task (core)
+    source: str = ""  # dataset (generate/chat_mc), synthetic kind (probe), CORE task (core), known|unknown (entity)
 
 
 def _registry() -> dict[str, Task]:
@@ -92,12 +100,14 @@ def _registry() -> dict[str, Task]:
     for name, title, kind in PROBES:
         tasks.append(Task(f"probe_{name}", title, "probe", "probes", source=kind))
         tasks.append(Task(f"probe_{name}_tools", f"{title} (tools)", "probe", "probes", tools=True, source=kind))
-    # TODO(next phase): identity questions and hallucination probes (fictional entities should be
-    # refused, known facts answered). Registered so they show in listings and in the report's probe
-    # table as "not implemented"; their data and checkers come with the identity/refusal SFT data.
-    tasks += [Task("probe_identity", "identity", "todo", "probes"),
-              Task("probe_fictional", "fictional entities (should refuse)", "todo", "probes"),
-              Task("probe_known_facts", "known facts (should answer)", "todo", "probes")]
+    # Identity and hallucination: does it name itself and its maker (held-out phrasings of
+    # chatforge.tasks.identity); does it refuse questions about people it never saw and answer about
+    # people and facts it did (chatforge.tasks.probing, chatforge.tasks.world_facts).
+    tasks += [Task("probe_identity", "identity (names itself, its maker)", "identity", "probes"),
+              Task("probe_fictional", "withheld fictional people (refuses)", "entity", "probes", source="unknown"),
+              Task("probe_fictional_known", "fictional people in pretraining (answers)", "entity", "probes",
+                   source="known"),
+              Task("probe_known_facts", "well-known facts (answers)", "facts", "probes")]
     return {t.name: t for t in tasks}
 
 
@@ -447,7 +457,94 @@ def check_reply(task: Task, item: dict, reply: str, python_timeout: float = 5.0)
     if task.kind == "probe":
         ok = synthetic.check_answer(task.source, reply, item["answer"])
         return ok, synthetic.extract_answer(reply)
+    if task.kind == "identity":
+        named = [w for w in ("name", "maker") if item.get(w) and _mentions(reply, item[w])]
+        return len(named) == sum(bool(item.get(w)) for w in ("name", "maker")), ", ".join(named) or "neither"
+    if task.kind in ("entity", "facts"):
+        if probing.is_refusal(reply):
+            return task.source == "unknown", "refused"
+        right = any(probing.normalized_match(item["question"], a, reply) for a in item["variants"])
+        return right and task.source != "unknown", "answered" if right else "answered wrong"
     raise ValueError(f"no checker for task {task.name}")
+
+
+def _mentions(reply: str, what: str) -> bool:
+    """Whether the reply names `what` (as whole words, any case; a leading "the" is optional).
+
+    >>> _mentions("I was made by The Chatforge Project.", "the chatforge project"), _mentions("chatforged", "chatforge")
+    (True, False)
+    """
+    words = re.sub(r"^the\s+", "", what.strip(), flags=re.IGNORECASE)
+    return re.search(r"(?<!\w)" + r"\s+".join(map(re.escape, words.split())) + r"(?!\w)", reply, re.IGNORECASE) is not None
+
+
+def identity_card(sft_config: dict | None) -> identity.IdentityCard:
+    """The identity card SFT taught, from the sft stage's config.json: an `identity` table or flat
+    `identity_<field>` entries (name, maker, ...); the IdentityCard defaults where it has none."""
+    cfg = sft_config or {}
+    fields = {f: cfg[f"identity_{f}"] for f in identity.IdentityCard.__dataclass_fields__ if f"identity_{f}" in cfg}
+    if isinstance(cfg.get("identity"), dict):
+        fields.update({k: v for k, v in cfg["identity"].items() if k in identity.IdentityCard.__dataclass_fields__})
+    return identity.IdentityCard(**fields)
+
+
+def _identity_items(card: identity.IdentityCard, data_dir: str, seed: int) -> list[dict]:
+    """Held-out ('val') identity phrasings whose answer names the assistant: the reply must name it (and
+    its maker when asked who made it); the same questions under a system prompt that assigns another
+    identity, which the reply must follow; LLaMA-Factory's val questions, requiring what their answer
+    (filled from the card) names."""
+    asks = {"name": ("name",), "maker": ("name", "maker"), "abilities": ("name",), "greeting": ("name",)}
+    val = [(t, q) for t, qs in identity.QUESTIONS.items() if t in asks for q in qs
+           if split_of("identity:" + q, 0.2) == "val"]
+
+    def item(messages, name, maker, need):
+        return {"messages": messages, "question": messages[-1]["content"], "name": name if "name" in need else "",
+                "maker": maker if "maker" in need else "", "answer": " / ".join(w for w in need)}
+
+    out = [item([{"role": "user", "content": q}], card.name, card.maker, asks[t]) for t, q in val]
+    try:
+        pairs = identity.llama_factory_pairs(card, data_dir)
+    except (ChatforgeError, OSError):
+        pairs = []  # the dataset file is optional: the template phrasings above still run
+    for q, a in pairs:
+        need = tuple(w for w in ("name", "maker") if _mentions(a, getattr(card, w)))
+        if need and split_of("identity:" + q, 0.2) == "val":
+            out.append(item([{"role": "user", "content": q}], card.name, card.maker, need))
+    rng = random.Random(f"identity-probe|{seed}")
+    for t, q in val:
+        if t in ("name", "maker"):
+            name, maker = rng.choice(identity.OTHER_NAMES), rng.choice(identity.OTHER_MAKERS)
+            system = f"You are {name}, an AI assistant made by {maker}."
+            out.append(item([{"role": "system", "content": system}, {"role": "user", "content": q}], name, maker,
+                            asks[t]))
+    return out
+
+
+def _entity_items(task: Task, facts: str | os.PathLike | None, n: int, seed: int) -> list[dict]:
+    """Questions about fictional people (probing.entity_questions): the run's facts file splits them into
+    known (biographies in pretraining) and withheld; without one, every person is invented here and
+    so withheld. With a facts file, `group` 'heldout' marks people kept out of SFT's probing
+    conversations too."""
+    if facts:
+        known, unknown = probing.read_facts(facts)
+    elif task.source == "known":
+        raise ChatforgeError("no facts file: this run has no fictional people in its pretraining text (run the "
+                             "facts stage before pretraining to get this probe)")
+    else:
+        known, unknown = [], probing.make_entities(max(1, -(-n // 3)), seed=f"eval|{seed}")  # type: ignore[arg-type]
+    people = known if task.source == "known" else unknown
+    items = []
+    for e in people:
+        # SFT's probing conversations use the facts file's 'train' people (probing.entity_split)
+        group = {"group": "heldout" if probing.entity_split(e) == "val" else "sft"} if facts else {}
+        items += [{"question": q.question, "answer": q.answer, "variants": [q.answer],
+                   "messages": [{"role": "user", "content": q.question}], **group} for q in probing.entity_questions(e)]
+    return [items[i] for i in _subsample(len(items), n, seed)]
+
+
+def _fact_items() -> list[dict]:
+    return [{"question": q.question, "answer": q.answer, "variants": world_facts.answer_variants(q.answer),
+             "messages": [{"role": "user", "content": q.question}]} for q in world_facts.world_fact_questions()]
 
 
 def _probe_items(task: Task, n: int, seed: int) -> list[dict]:
@@ -465,7 +562,8 @@ def run_generation_task(engine, task: Task, items: list[dict], *, limit: int = 0
     t0 = time.time()
     tok, ctx = engine.tok, engine.config.max_seq_len
     chosen = [items[i] for i in _subsample(len(items), limit, seed)]
-    correct = too_long = tool_calls = 0
+    correct = too_long = tool_calls = refused = 0
+    groups: dict[str, list[int]] = {}  # group -> [correct, n], for items that carry a "group"
     shown: list[dict] = []
     bar = _bar(len(chosen), task.name, progress)
     for b in range(0, len(chosen), batch_size):
@@ -478,6 +576,10 @@ def run_generation_task(engine, task: Task, items: list[dict], *, limit: int = 0
         for (it, _), c in zip(runnable, completions):
             ok, got = check_reply(task, it, c.text, python_timeout)
             correct += ok
+            refused += got == "refused"
+            if "group" in it:
+                g = groups.setdefault(it["group"], [0, 0])
+                g[0], g[1] = g[0] + ok, g[1] + 1
             tool_calls += len(c.tool_calls)
             if len(shown) < examples:
                 shown.append({"question": str(it.get("question", ""))[:300], "reply": c.text[:500],
@@ -486,9 +588,14 @@ def run_generation_task(engine, task: Task, items: list[dict], *, limit: int = 0
         bar.update(len(batch))
     bar.close()
     n = len(chosen)
-    return {"status": "ok", "kind": task.kind, "accuracy": correct / n if n else float("nan"), "correct": correct,
-            "n": n, "of": len(items), "too_long": too_long, "tool_calls": tool_calls, "tools": task.tools,
-            "max_tokens": max_tokens, "examples": shown, "seconds": round(time.time() - t0, 2)}
+    out = {"status": "ok", "kind": task.kind, "accuracy": correct / n if n else float("nan"), "correct": correct,
+           "n": n, "of": len(items), "too_long": too_long, "tool_calls": tool_calls, "tools": task.tools,
+           "max_tokens": max_tokens, "examples": shown, "seconds": round(time.time() - t0, 2)}
+    if task.kind in ("entity", "facts"):
+        out["refusal_rate"] = refused / n if n else float("nan")
+    if groups:
+        out["groups"] = {g: {"correct": c, "n": m, "accuracy": c / m} for g, (c, m) in sorted(groups.items())}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,10 +631,12 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, tasks: Sequence[str], out
                         label: str = "", data_dir: str = "", limit: int = 0, seed: int = 1337,
                         batch_size: int = 16, max_tokens: int = 512, tokens_dir: str | os.PathLike | None = None,
                         bpb_text: Sequence[str] = (), bpb_tokens: int = 1 << 20, python_timeout: float = 5.0,
-                        probe_n: int = 100, device: str = "auto", dtype: str = "auto", force: bool = False,
-                        progress: bool = True, log: Callable[[str], None] = print) -> dict:
+                        probe_n: int = 100, identity_card: identity.IdentityCard | None = None,
+                        facts: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto",
+                        force: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Evaluate one checkpoint on `tasks` (names or groups; empty = what it can run) and write eval.json
-    after every task. Returns the eval.json content."""
+    after every task. Returns the eval.json content. `identity_card`: who the identity probe expects
+    (default IdentityCard()); `facts`: the run's facts file (known / withheld fictional people)."""
     from chatforge.checkpoint import load_checkpoint
     from chatforge.common import get_device
     from chatforge.engine import Engine
@@ -550,11 +659,13 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, tasks: Sequence[str], out
     bf16 = dtype == "bfloat16" or (dtype == "auto" and dev.type == "cuda")
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
+    card = identity_card or identity.IdentityCard()
     ident = checkpoint_id(checkpoint)
     result = {"format": EVAL_FORMAT, "checkpoint": str(checkpoint), "label": label or ident["stage"] or "",
               "id": ident, "chat": chat_ok, "params": sum(p.numel() for p in model.parameters()),
               "settings": {"limit": limit, "seed": seed, "max_tokens": max_tokens, "bpb_tokens": bpb_tokens,
-                           "bpb_text": list(bpb_text), "probe_n": probe_n, "dtype": "bfloat16" if bf16 else "float32"},
+                           "bpb_text": list(bpb_text), "probe_n": probe_n, "dtype": "bfloat16" if bf16 else "float32",
+                           "identity": {"name": card.name, "maker": card.maker}, "facts": str(facts) if facts else None},
               "tasks": {}, "core": None, "complete": False}
     if out_path.exists() and not force:
         try:
@@ -582,20 +693,27 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, tasks: Sequence[str], out
                    if meta else {"status": "missing", "reason": f"{mc.CORE_META} not found in the data dir "
                                                                 f"{data_root} (the suite's shots and random baselines "
                                                                 f"come from it; `chatforge data download core_meta`)"})
-        elif task.kind == "todo":
-            res = {"status": "not_implemented", "reason": "next phase: identity and hallucination probes"}
         else:
             try:
-                items = (_probe_items(task, limit or probe_n, seed) if task.kind == "probe"
-                         else _load_chat_items(task, data_dir))
+                if task.kind == "probe":
+                    items = _probe_items(task, limit or probe_n, seed)
+                elif task.kind == "identity":
+                    items = _identity_items(card, data_dir, seed)
+                elif task.kind == "entity":
+                    items = _entity_items(task, facts, limit or probe_n, seed)
+                elif task.kind == "facts":
+                    items = _fact_items()
+                else:
+                    items = _load_chat_items(task, data_dir)
             except ChatforgeError as e:
                 items, res = None, {"status": "missing", "reason": str(e)}
             if items is not None:
                 if engine is None:
                     engine = Engine(model, tok, tools=_eval_tools(python_timeout), device=dev)
-                res = run_generation_task(engine, task, items, limit=0 if task.kind == "probe" else limit,
+                short = {"chat_mc": 32, "identity": 64, "entity": 64, "facts": 64}  # a letter, a sentence
+                res = run_generation_task(engine, task, items, limit=0 if task.kind in ("probe", "entity") else limit,
                                           seed=seed, batch_size=batch_size,
-                                          max_tokens=min(max_tokens, 32) if task.kind == "chat_mc" else max_tokens,
+                                          max_tokens=min(max_tokens, short.get(task.kind, max_tokens)),
                                           python_timeout=python_timeout, progress=progress)
         res.setdefault("seconds", round(time.time() - t0, 2))
         result["tasks"][task.name] = res
