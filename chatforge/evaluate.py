@@ -137,27 +137,26 @@ def list_tasks() -> str:
 
 
 def resolve_tasks(names: Sequence[str], chat: bool, why_not_chat: str = "") -> list[Task]:
-    """Expand groups and check names. `chat` says whether the checkpoint can run chat tasks; naming one
-    it cannot run is an error that lists what it can run. Empty (or "all") means every task the
-    checkpoint can run: the base group for a base model, everything for a chat model."""
+    """Expand groups and check names. `chat` says whether the checkpoint can run chat tasks. Empty (or
+    "all") means every task the checkpoint can run: the base group for a base model, everything for a
+    chat model. On a base model the chat tasks of the list are left out (so one list serves every
+    checkpoint of a run); a list with nothing it can run is an error that lists what it can run."""
     out: list[str] = []
     for n in (names or ["all"]):
         n = n.strip()
-        if n == "all":
-            out += GROUPS["all"] if chat else GROUPS["base"]
-        elif n in GROUPS:
+        if n in GROUPS:
             out += GROUPS[n]
         elif n in TASKS:
             out.append(n)
         else:
             raise ChatforgeError(f"unknown eval task {n!r}. Available:\n{list_tasks()}")
     out = list(dict.fromkeys(out))
-    asked = [n for n in out if TASKS[n].group != "base"]
-    if asked and not chat:
+    runnable = out if chat else [n for n in out if TASKS[n].group == "base"]
+    if not runnable:
         raise ChatforgeError(
-            f"task(s) {', '.join(asked)} need a chat model, but this checkpoint {why_not_chat}. Tasks it can "
+            f"task(s) {', '.join(out)} need a chat model, but this checkpoint {why_not_chat}. Tasks it can "
             f"run: {', '.join(GROUPS['base'])} (group 'base'); evaluate an sft/rl/rlhf checkpoint for the rest")
-    return [TASKS[n] for n in out]
+    return [TASKS[n] for n in runnable]
 
 
 def chat_protocol(checkpoint_config: dict, tok) -> tuple[bool, str]:
@@ -654,6 +653,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, tasks: Sequence[str], out
                              f"vocabulary is {info['model_config'].vocab_size}; the folder mixes two models")
     chat_ok, why = chat_protocol(info["config"], tok)
     todo = resolve_tasks(tasks, chat_ok, why)
+    left_out = [n for n in resolve_tasks(tasks, True) if n not in todo]
+    if left_out:
+        log(f"eval: {label or checkpoint}: leaving out {len(left_out)} chat task(s) ({', '.join(t.name for t in left_out)}): "
+            f"this checkpoint {why}")
     if dtype not in ("auto", "float32", "bfloat16"):
         raise ChatforgeError(f"--dtype {dtype}: choose auto, float32 or bfloat16")
     bf16 = dtype == "bfloat16" or (dtype == "auto" and dev.type == "cuda")

@@ -554,6 +554,15 @@ def probes_section(info: RunInfo) -> list[Block]:
     return blocks
 
 
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The run's most trained checkpoint (rlhf, else rl, else sft, else pretrain), or None."""
+    for _, stage in reversed(CHECKPOINT_STAGES):
+        ck = Path(root) / stage / "checkpoint"
+        if (ck / "config.json").exists():
+            return ck
+    return None
+
+
 def build_report(root: Path, out_dir: Path, gpu_setups: Sequence[GpuSetup] = (), mfu: float = 0.4,
                  now: str | None = None) -> tuple[list[Block], list[Path]]:
     info = read_run(root)

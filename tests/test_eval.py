@@ -461,6 +461,11 @@ def test_task_names_and_chat_protocol(run_root, tok, tmp_path):
         E.resolve_tasks(["nope"], chat=True)
     assert [t.name for t in E.resolve_tasks([], chat=False)] == E.GROUPS["base"]
     assert [t.name for t in E.resolve_tasks(["all"], chat=True)] == E.GROUPS["all"]
+    # one list for every checkpoint of a run: a base model leaves its chat tasks out, unless none is left
+    assert [t.name for t in E.resolve_tasks(["bpb", "gsm8k", "probes"], chat=False)] == ["bpb"]
+    assert [t.name for t in E.resolve_tasks(["bpb", "gsm8k"], chat=True)] == ["bpb", "gsm8k"]
+    with pytest.raises(ChatforgeError, match="probe_identity.*need a chat model"):
+        E.resolve_tasks(["probes"], chat=False)
     assert E.chat_protocol({"stage": "sft"}, tok) == (True, "")
     ok, why = E.chat_protocol({"stage": "pretrain"}, tok)
     assert not ok and "base model" in why

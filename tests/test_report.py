@@ -179,3 +179,19 @@ def test_report_of_a_real_evaluation(tmp_path, shared_data):
     assert table_rows(md, "COPA (acc)")[1] == f"{res['tasks']['copa']['accuracy']:.3f}"
     assert table_rows(md, "val bits/byte")[1] == f"{res['tasks']['bpb']['bpb']:.4f}"
     assert table_rows(md, "CORE (centred, mean)")[1] == f"{res['core']['score']:.4f} (1/9)"
+
+
+def test_speedrun_ends_with_commands_for_the_latest_checkpoint(tmp_path):
+    from chatforge.report import latest_checkpoint
+    from chatforge.stages.speedrun import next_steps
+
+    root = tmp_path / "runs" / "t"
+    assert latest_checkpoint(root) is None and "no checkpoint yet" in next_steps(root)
+    for stage in ("pretrain", "sft"):
+        (root / stage / "checkpoint").mkdir(parents=True)
+        (root / stage / "checkpoint" / "config.json").write_text("{}")
+        text = next_steps(root)
+        assert latest_checkpoint(root) == root / stage / "checkpoint"
+        assert f"chatforge chat {root / stage / 'checkpoint'}" in text
+        assert f"chatforge serve {root / stage / 'checkpoint'}" in text
+        assert ("base model" in text) == (stage == "pretrain")
