@@ -1,5 +1,5 @@
-"""Losses for post-training, as small public functions on tensors (SFT now; RL's policy-gradient losses
-join them here later).
+"""Losses for post-training, as small public functions on tensors: SFT's, and RL's policy-gradient
+losses (GRPO, section "Policy gradient (GRPO)" at the end).
 
 The building blocks follow the decomposition of Stanford CS336 assignment 5 (alignment), which is also
 how TRL and verl structure SFT / GRPO: tokenize (prompt, response) pairs into ids, shifted labels and a
@@ -14,7 +14,8 @@ response token.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections import Counter
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -135,4 +136,191 @@ def sft_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: tor
     with torch.no_grad():
         meta = {"nll": unscaled.detach(), "response_tokens": response_mask.sum().detach(),
                 "mean_log_prob": masked_mean(policy_log_probs.detach(), response_mask)}
+    return loss, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Policy gradient (GRPO)
+#
+# GRPO (Shao et al. 2024, DeepSeekMath, https://arxiv.org/abs/2402.03300) samples G replies per prompt
+# and uses the group's mean reward as the baseline instead of a learned value function. Dr. GRPO (Liu
+# et al. 2025, https://arxiv.org/abs/2503.20783) argues against dividing by the group std (it weighs
+# too-easy and too-hard questions up) and against per-sequence length normalisation, so both are
+# switches here (normalize_by_std; the micro-batch step's normalize_constant). The clipped surrogate is
+# PPO's (Schulman et al. 2017, https://arxiv.org/abs/1707.06347); the KL penalty uses Schulman's k3
+# estimator (http://joschu.net/blog/kl-approx.html), as GRPO does. Shapes: N = rollouts (prompts x G),
+# B rows of a micro-batch, T positions; per-sequence quantities are (B, 1) and broadcast over T.
+
+LOSS_TYPES = ("no_baseline", "reinforce_with_baseline", "grpo_clip")
+
+
+def _reward_value(r) -> tuple[float, str]:
+    """A reward function's result as (reward, reason): a number, a (reward, reason) pair, or a dict
+    with "reward" (and optionally "reason")."""
+    if isinstance(r, dict):
+        return float(r["reward"]), str(r.get("reason", ""))
+    if isinstance(r, (tuple, list)):
+        return float(r[0]), str(r[1]) if len(r) > 1 else ""
+    return float(r), ""
+
+
+def compute_group_normalized_rewards(reward_fn: Callable, rollout_responses: Sequence, repeated_ground_truths: Sequence,
+                                     group_size: int, advantage_eps: float = 1e-6, normalize_by_std: bool = True,
+                                     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Reward every rollout and turn the rewards into group-relative advantages.
+
+    rollout_responses[i] and repeated_ground_truths[i] (N of each, N = prompts x group_size, the
+    group_size samples of one prompt adjacent) go to reward_fn(response, ground_truth), which returns
+    a number, a (reward, reason) pair or a dict with "reward" (chatforge.tasks.rl's reward functions
+    return pairs). Per group g of rewards r_g (G,):
+
+        advantage = r - mean(r_g)                                  normalize_by_std False (Dr. GRPO)
+        advantage = (r - mean(r_g)) / (std(r_g) + advantage_eps)   normalize_by_std True (GRPO)
+
+    std is the unbiased sample std (torch.std, as TRL's GRPO). Returns (advantages (N,), raw_rewards
+    (N,), metadata): metadata["keep"] (N,) bool is False for every row of a group whose rewards are
+    all equal (its advantages are 0: no learning signal, only cost, so the caller drops it, as DAPO's
+    dynamic sampling does); "groups_dropped", "reward_mean", "reward_std", "reward_max", "reward_min"
+    (floats over all rollouts), and "reasons" (a Counter of the reasons reward_fn gave).
+
+    >>> adv, raw, meta = compute_group_normalized_rewards(lambda r, g: float(r == g), ["1", "2", "3", "3"],
+    ...                                                   ["1", "1", "3", "3"], 2, normalize_by_std=False)
+    >>> adv.tolist(), raw.tolist(), meta["keep"].tolist()
+    ([0.5, -0.5, 0.0, 0.0], [1.0, 0.0, 1.0, 1.0], [True, True, False, False])
+    """
+    n = len(rollout_responses)
+    if len(repeated_ground_truths) != n:
+        raise ValueError(f"{n} responses but {len(repeated_ground_truths)} ground truths")
+    if group_size < 1 or n % group_size:
+        raise ValueError(f"{n} responses do not split into groups of {group_size}")
+    reasons: Counter = Counter()
+    values = []
+    for resp, gt in zip(rollout_responses, repeated_ground_truths):
+        value, reason = _reward_value(reward_fn(resp, gt))
+        values.append(value)
+        if reason:
+            reasons[reason] += 1
+    raw = torch.tensor(values, dtype=torch.float32)  # (N,)
+    grouped = raw.view(-1, group_size)  # (N/G, G)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)  # (N/G, G)
+    if normalize_by_std:
+        # one sample has no spread: its std is nan in torch; its advantage is 0 either way
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
+        centred = centred / (std + advantage_eps)
+    same = (grouped == grouped[:, :1]).all(dim=1, keepdim=True).expand_as(grouped)  # (N/G, G)
+    meta = {"keep": (~same).reshape(-1), "groups_dropped": int(same[:, 0].sum()),
+            "reward_mean": raw.mean().item(), "reward_std": raw.std().item() if n > 1 else 0.0,
+            "reward_max": raw.max().item(), "reward_min": raw.min().item(), "reasons": reasons}
+    return centred.reshape(-1), raw, meta
+
+
+def compute_naive_policy_gradient_loss(raw_rewards_or_advantages: torch.Tensor,
+                                       policy_log_probs: torch.Tensor) -> torch.Tensor:
+    """REINFORCE's per-token loss -A * log p(token) (B, T), A (B, 1) the sequence's reward or
+    advantage broadcast over its tokens. Its gradient is -A * grad log p: minimising it raises the
+    probability of replies with positive A."""
+    return -raw_rewards_or_advantages * policy_log_probs
+
+
+def compute_grpo_clip_loss(advantages: torch.Tensor, policy_log_probs: torch.Tensor, old_log_probs: torch.Tensor,
+                           cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate per token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) (B, T),
+    ratio = exp(log p - log p_old), A (B, 1), old_log_probs (B, T) from the policy that sampled.
+
+    metadata: "clipped" (B, T) bool, True where the clipped term is the smaller one (strictly), so the
+    token's gradient is zero: ratio > 1 + eps with A > 0, or ratio < 1 - eps with A < 0; "ratio" (B, T).
+    Both detached.
+    """
+    ratio = torch.exp(policy_log_probs - old_log_probs)  # (B, T)
+    unclipped = ratio * advantages  # (B, T)
+    clipped = torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange) * advantages  # (B, T)
+    loss = -torch.minimum(unclipped, clipped)
+    return loss, {"clipped": (clipped < unclipped).detach(), "ratio": ratio.detach()}
+
+
+def compute_kl_k3(policy_log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) (B, T): Schulman's k3 = exp(d) - d - 1 with
+    d = log p_ref - log p_policy, evaluated at tokens sampled from the policy. Never negative (e^d >= 1 + d),
+    unbiased, lower variance than -d; 0 where the two agree."""
+    d = ref_log_probs - policy_log_probs  # (B, T)
+    return torch.exp(d) - d - 1.0
+
+
+def compute_policy_gradient_loss(policy_log_probs: torch.Tensor, loss_type: str,
+                                 raw_rewards: torch.Tensor | None = None, advantages: torch.Tensor | None = None,
+                                 old_log_probs: torch.Tensor | None = None, cliprange: float | None = None,
+                                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The per-token loss (B, T) of one of LOSS_TYPES, and its metadata:
+
+        no_baseline              -raw_reward * log p              (raw_rewards (B, 1))
+        reinforce_with_baseline  -advantage * log p               (advantages (B, 1))
+        grpo_clip                compute_grpo_clip_loss           (advantages, old_log_probs, cliprange)
+    """
+    def need(value, name):
+        if value is None:
+            raise ValueError(f"loss_type {loss_type!r} needs {name}")
+        return value
+
+    if loss_type == "no_baseline":
+        return compute_naive_policy_gradient_loss(need(raw_rewards, "raw_rewards"), policy_log_probs), {}
+    if loss_type == "reinforce_with_baseline":
+        return compute_naive_policy_gradient_loss(need(advantages, "advantages"), policy_log_probs), {}
+    if loss_type == "grpo_clip":
+        return compute_grpo_clip_loss(need(advantages, "advantages"), policy_log_probs,
+                                      need(old_log_probs, "old_log_probs"), need(cliprange, "cliprange"))
+    raise ValueError(f"unknown loss_type {loss_type!r}; choose from {', '.join(LOSS_TYPES)}")
+
+
+def grpo_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: torch.Tensor,
+                               gradient_accumulation_steps: int, loss_type: str,
+                               raw_rewards: torch.Tensor | None = None, advantages: torch.Tensor | None = None,
+                               old_log_probs: torch.Tensor | None = None, cliprange: float | None = None,
+                               kl_coef: float = 0.0, ref_log_probs: torch.Tensor | None = None,
+                               normalize_constant: float | None = None, backward: bool = True,
+                               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch of policy-gradient training: the per-token loss of `loss_type` plus
+    kl_coef * k3 KL to the reference, reduced over the response tokens, scaled for gradient
+    accumulation, backward() called (unless backward=False). Tensors (B, T); rewards, advantages (B, 1).
+
+    Reduction (the mask keeps sampled reply tokens only: prompt, padding and tool output are 0):
+    normalize_constant None: token-level (DAPO, https://arxiv.org/abs/2503.14476): sum over every
+        response token of the micro-batch / their number, so a long reply's tokens weigh as much as a
+        short one's (the per-sequence mean of the original GRPO weighs short replies' tokens up).
+    normalize_constant c: sum over the row / c, mean over rows (Dr. GRPO's constant normaliser; with
+        c = N / (B * G) the step's summed gradient is an exact per-token mean, as in sft_microbatch_train_step).
+    A micro-batch with no response token gives loss 0 (with a gradient of zeros), not nan: it is
+    counted in metadata["response_tokens"] rather than poisoning the step.
+
+    kl_coef 0 needs no ref_log_probs (keep no reference model in memory). Returns (loss as
+    backpropagated, metadata, all detached): "loss" (unscaled), "pg_loss", "kl" (masked mean k3, when
+    kl_coef > 0), "clip_fraction" (grpo_clip: share of response tokens clipped), "response_tokens".
+    """
+    if gradient_accumulation_steps < 1:
+        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+    per_token, pg_meta = compute_policy_gradient_loss(policy_log_probs, loss_type, raw_rewards, advantages,
+                                                      old_log_probs, cliprange)  # (B, T)
+    pg_per_token = per_token
+    if kl_coef:
+        if ref_log_probs is None:
+            raise ValueError("kl_coef > 0 needs ref_log_probs (the frozen reference's log-probs)")
+        kl = compute_kl_k3(policy_log_probs, ref_log_probs)  # (B, T)
+        per_token = per_token + kl_coef * kl
+    mask = response_mask.to(per_token.dtype)
+    n_tokens = mask.sum()
+
+    def reduce(t):
+        if normalize_constant is None:
+            return (t * mask).sum() / n_tokens.clamp(min=1.0)
+        return masked_normalize(t, mask, normalize_constant, dim=-1).mean()
+
+    unscaled = reduce(per_token)
+    loss = unscaled / gradient_accumulation_steps
+    if backward:
+        loss.backward()
+    with torch.no_grad():
+        meta = {"loss": unscaled.detach(), "pg_loss": reduce(pg_per_token.detach()), "response_tokens": n_tokens.detach()}
+        if kl_coef:
+            meta["kl"] = (kl.detach() * mask).sum() / n_tokens.clamp(min=1.0)  # per response token
+        if "clipped" in pg_meta:
+            meta["clip_fraction"] = (pg_meta["clipped"].to(mask.dtype) * mask).sum() / n_tokens.clamp(min=1.0)
     return loss, meta

@@ -16,6 +16,8 @@ conversations in the chat protocol of chatforge/tokenizer.py (lists of {role, co
     identity.py       identity conversations from an identity card
     search_qa.py      questions answered by a search call over the index
     probing.py        knowledge probing (known -> answer, unknown -> refusal); fictional entities
+    rl.py             RL task registry: `get_task(name)` -> RLTask (items per split, reward -> (reward, reason)),
+                      graded arithmetic, format reward, `RewardStats`, `load_task_file`
     teacher.py        an optional teacher model behind an OpenAI-compatible URL
     mixture.py        weighted mixture, rendering, padded/packed rows, replay
 
