@@ -342,6 +342,10 @@ STAGE_CONFIGS: dict[str, type] = {"data": DataConfig, "tokenizer": TokenizerConf
 # What `chatforge speedrun` runs, in order; each name is a module chatforge.stages.<name> with run(cfg).
 PIPELINE: list[str] = ["data", "tokenizer", "pretrain", "index"]  # index: the search tool's, over the data shards
 
+# Evaluation and the report card close the pipeline, after every training stage (sft, rl, rlhf go
+# before them): evaluate scores each stage checkpoint the run has, report prints the card.
+PIPELINE += ["evaluate", "report"]
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # 2 CPU cores, minutes end to end: a small vocab keeps the embedding and head cheap on CPU.
     "tiny": {
@@ -380,8 +384,20 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
         # The search tool's index: the clean web pages plus encyclopedic text (~0.5 s).
         "index": {"inputs": ["stage:data", "text/wiki_demo.txt"]},
-        # A seeded 100-question subset per task: the base suite took 1 min 46 s of CPU (1 thread) on the tiny model.
-        "evaluate": {"limit": 100, "bpb_tokens": 131072, "max_tokens": 256, "probe_n": 50},
+        # The speedrun's evaluation of every checkpoint (base, sft, ...) kept near 2 minutes on 2 cores:
+        # 10 seeded questions per task, the six cheapest in-context tasks (hellaswag, piqa and
+        # arc_challenge cost 2-4x more per question, so CORE shows as 6/9), and on chat checkpoints one
+        # multiple-choice task, the spelling and arithmetic probes without / with tools and the identity
+        # and hallucination probes, replies cut at 64 tokens (gsm8k needs longer replies than that).
+        # Measured on a base + sft pair of random-weight tiny models (replies never stop early, the worst
+        # case): 3 min 8 s at load average 6 on the 2 shared cores (7 min with 20 questions and gsm8k);
+        # to be re-timed on a quiet machine. `chatforge eval --run tiny` without the preset runs everything.
+        "evaluate": {
+            "tasks": ["bpb", "arc_easy", "copa", "lambada_openai", "winogrande", "openbook_qa", "boolq",
+                      "chat_arc_easy", "probe_spelling", "probe_spelling_tools", "probe_arithmetic",
+                      "probe_arithmetic_tools", "probe_identity", "probe_fictional", "probe_fictional_known",
+                      "probe_known_facts"],
+            "limit": 10, "bpb_tokens": 32768, "max_tokens": 64, "batch_size": 32},
     },
     # One GPU, a few hours; the tokenizer matches nanochat's size class.
     "gpu": {

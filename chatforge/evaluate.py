@@ -15,9 +15,16 @@ Tasks (`list_tasks()`; groups: base, core, chat, probes, all):
     chat_arc_easy chat_arc_challenge mmlu
                         multiple choice in chat form, answered with a letter
     probe_* [_tools]    weak-spot probes from chatforge.tasks.synthetic (letter counting, spelling,
-                        reversal, decimal comparison, multi-digit arithmetic), with and without tools
-    probe_identity probe_fictional probe_known_facts
-                        TODO(next phase): hooks only, recorded as "not implemented"
+                        reverse, decimal comparison, multi-digit arithmetic) on its held-out 'val'
+                        split, with and without tools
+    probe_identity      held-out identity questions (chatforge.tasks.identity): the reply names the
+                        assistant (and its maker when asked who made it), the SFT card's or a
+                        system prompt's identity
+    probe_fictional probe_fictional_known
+                        questions about fictional people (chatforge.tasks.probing): withheld ones
+                        should be refused, those in the pretraining text (the run's facts file)
+                        answered; accuracy, refusal rate, and the same on people SFT never saw
+    probe_known_facts   well-known facts (chatforge.tasks.world_facts): should be answered, not refused
 
 **Scoring the multiple-choice suite, batched.** nanochat and lm-evaluation-harness run every
 choice as its own full sequence. Here the choices of a question share their context: the context
@@ -40,23 +47,24 @@ finished; a rerun reuses results whose checkpoint and settings are unchanged and
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import random
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from chatforge.bpb import evaluate_bpb, unigram_bpb
 from chatforge.common import ChatforgeError, write_json
 from chatforge.common import data_dir as data_root_of
 from chatforge.model import KVCache
-from chatforge.bpb import evaluate_bpb, unigram_bpb
-from chatforge.tasks import mc
+from chatforge.tasks import identity, mc, probing, synthetic, world_facts
+from chatforge.tasks.conversations import split_of
 
 EVAL_FORMAT = 1
 
@@ -69,10 +77,10 @@ EVAL_FORMAT = 1
 class Task:
     name: str
     title: str  # for tables
-    kind: str  # bpb | core | generate | chat_mc | probe | todo
+    kind: str  # bpb | core | generate | chat_mc | probe | identity | entity | facts
     group: str  # base | chat | probes
     tools: bool = False  # the model may call the python sandbox while it answers
-    source: str = ""  # dataset (generate/chat_mc), synthetic kind (probe), CORE task (core)
+    source: str = ""  # dataset (generate/chat_mc), synthetic kind (probe), CORE task (core), known|unknown (entity)
 
 
 def _registry() -> dict[str, Task]:
@@ -88,24 +96,26 @@ def _registry() -> dict[str, Task]:
         Task("chat_arc_challenge", "ARC-Challenge (chat)", "chat_mc", "chat", source="arc_challenge"),
         Task("mmlu", "MMLU", "chat_mc", "chat", source="mmlu"),
     ]
-    # Weak-spot probes: problems and checkers come from chatforge.tasks.synthetic (branch sftlib):
-    # make_problems(kind, n, split, seed) -> [{"question"|"prompt"|"messages", "answer"}],
-    # check_answer(kind, reply, answer) -> bool. The kind strings below are the ones asked of it.
+    # Weak-spot probes: problems (held-out 'val' split) and checkers from chatforge.tasks.synthetic.
     for name, title, kind in PROBES:
         tasks.append(Task(f"probe_{name}", title, "probe", "probes", source=kind))
         tasks.append(Task(f"probe_{name}_tools", f"{title} (tools)", "probe", "probes", tools=True, source=kind))
-    # TODO(next phase): identity questions and hallucination probes (fictional entities should be
-    # refused, known facts answered). Registered so they show in listings and in the report's probe
-    # table as "not implemented"; their data and checkers come with the identity/refusal SFT data.
-    tasks += [Task("probe_identity", "identity", "todo", "probes"),
-              Task("probe_fictional", "fictional entities (should refuse)", "todo", "probes"),
-              Task("probe_known_facts", "known facts (should answer)", "todo", "probes")]
+    # Identity and hallucination: does it name itself and its maker (held-out phrasings of
+    # chatforge.tasks.identity); does it refuse questions about people it never saw and answer about
+    # people and facts it did (chatforge.tasks.probing, chatforge.tasks.world_facts).
+    tasks += [Task("probe_identity", "identity (names itself, its maker)", "identity", "probes"),
+              Task("probe_fictional", "withheld fictional people (refuses)", "entity", "probes", source="unknown"),
+              Task("probe_fictional_known", "fictional people in pretraining (answers)", "entity", "probes",
+                   source="known"),
+              Task("probe_known_facts", "well-known facts (answers)", "facts", "probes")]
     return {t.name: t for t in tasks}
 
 
+# (task name suffix, title, chatforge.tasks.synthetic kind): one pair of tasks per synthetic.KINDS entry.
 PROBES = [("letter_count", "letter counting", "letter_count"), ("spelling", "spelling", "spelling"),
-          ("reversal", "reversal", "reversal"), ("decimal_compare", "decimal comparison", "decimal_compare"),
+          ("reverse", "word reversal", "reverse"), ("decimal_compare", "decimal comparison", "decimal_compare"),
           ("arithmetic", "multi-digit arithmetic", "arithmetic")]
+assert sorted(k for _, _, k in PROBES) == sorted(synthetic.KINDS), "a synthetic kind without its probe"
 TASKS: dict[str, Task] = _registry()
 GROUPS: dict[str, list[str]] = {
     "core": list(mc.CORE_TASKS),
@@ -127,27 +137,26 @@ def list_tasks() -> str:
 
 
 def resolve_tasks(names: Sequence[str], chat: bool, why_not_chat: str = "") -> list[Task]:
-    """Expand groups and check names. `chat` says whether the checkpoint can run chat tasks; naming one
-    it cannot run is an error that lists what it can run. Empty (or "all") means every task the
-    checkpoint can run: the base group for a base model, everything for a chat model."""
+    """Expand groups and check names. `chat` says whether the checkpoint can run chat tasks. Empty (or
+    "all") means every task the checkpoint can run: the base group for a base model, everything for a
+    chat model. On a base model the chat tasks of the list are left out (so one list serves every
+    checkpoint of a run); a list with nothing it can run is an error that lists what it can run."""
     out: list[str] = []
     for n in (names or ["all"]):
         n = n.strip()
-        if n == "all":
-            out += GROUPS["all"] if chat else GROUPS["base"]
-        elif n in GROUPS:
+        if n in GROUPS:
             out += GROUPS[n]
         elif n in TASKS:
             out.append(n)
         else:
             raise ChatforgeError(f"unknown eval task {n!r}. Available:\n{list_tasks()}")
     out = list(dict.fromkeys(out))
-    asked = [n for n in out if TASKS[n].group != "base"]
-    if asked and not chat:
+    runnable = out if chat else [n for n in out if TASKS[n].group == "base"]
+    if not runnable:
         raise ChatforgeError(
-            f"task(s) {', '.join(asked)} need a chat model, but this checkpoint {why_not_chat}. Tasks it can "
+            f"task(s) {', '.join(out)} need a chat model, but this checkpoint {why_not_chat}. Tasks it can "
             f"run: {', '.join(GROUPS['base'])} (group 'base'); evaluate an sft/rl/rlhf checkpoint for the rest")
-    return [TASKS[n] for n in out]
+    return [TASKS[n] for n in runnable]
 
 
 def chat_protocol(checkpoint_config: dict, tok) -> tuple[bool, str]:
@@ -445,31 +454,103 @@ def check_reply(task: Task, item: dict, reply: str, python_timeout: float = 5.0)
         got = mc.extract_choice_letter(reply, len(item["choices"]))
         return got == item["answer"], got
     if task.kind == "probe":
-        ok = bool(_synthetic().check_answer(task.source, reply, item["answer"]))
-        return ok, None
+        ok = synthetic.check_answer(task.source, reply, item["answer"])
+        return ok, synthetic.extract_answer(reply)
+    if task.kind == "identity":
+        named = [w for w in ("name", "maker") if item.get(w) and _mentions(reply, item[w])]
+        return len(named) == sum(bool(item.get(w)) for w in ("name", "maker")), ", ".join(named) or "neither"
+    if task.kind in ("entity", "facts"):
+        if probing.is_refusal(reply):
+            return task.source == "unknown", "refused"
+        right = any(probing.normalized_match(item["question"], a, reply) for a in item["variants"])
+        return right and task.source != "unknown", "answered" if right else "answered wrong"
     raise ValueError(f"no checker for task {task.name}")
 
 
-def _synthetic():
-    """chatforge.tasks.synthetic (branch sftlib), or None while it is not there."""
+def _mentions(reply: str, what: str) -> bool:
+    """Whether the reply names `what` (as whole words, any case; a leading "the" is optional).
+
+    >>> _mentions("I was made by The Chatforge Project.", "the chatforge project"), _mentions("chatforged", "chatforge")
+    (True, False)
+    """
+    words = re.sub(r"^the\s+", "", what.strip(), flags=re.IGNORECASE)
+    return re.search(r"(?<!\w)" + r"\s+".join(map(re.escape, words.split())) + r"(?!\w)", reply, re.IGNORECASE) is not None
+
+
+def identity_card(sft_config: dict | None) -> identity.IdentityCard:
+    """The identity card SFT taught, from the sft stage's config.json: an `identity` table or flat
+    `identity_<field>` entries (name, maker, ...); the IdentityCard defaults where it has none."""
+    cfg = sft_config or {}
+    fields = {f: cfg[f"identity_{f}"] for f in identity.IdentityCard.__dataclass_fields__ if f"identity_{f}" in cfg}
+    if isinstance(cfg.get("identity"), dict):
+        fields.update({k: v for k, v in cfg["identity"].items() if k in identity.IdentityCard.__dataclass_fields__})
+    return identity.IdentityCard(**fields)
+
+
+def _identity_items(card: identity.IdentityCard, data_dir: str, seed: int) -> list[dict]:
+    """Held-out ('val') identity phrasings whose answer names the assistant: the reply must name it (and
+    its maker when asked who made it); the same questions under a system prompt that assigns another
+    identity, which the reply must follow; LLaMA-Factory's val questions, requiring what their answer
+    (filled from the card) names."""
+    asks = {"name": ("name",), "maker": ("name", "maker"), "abilities": ("name",), "greeting": ("name",)}
+    val = [(t, q) for t, qs in identity.QUESTIONS.items() if t in asks for q in qs
+           if split_of("identity:" + q, 0.2) == "val"]
+
+    def item(messages, name, maker, need):
+        return {"messages": messages, "question": messages[-1]["content"], "name": name if "name" in need else "",
+                "maker": maker if "maker" in need else "", "answer": " / ".join(w for w in need)}
+
+    out = [item([{"role": "user", "content": q}], card.name, card.maker, asks[t]) for t, q in val]
     try:
-        return importlib.import_module("chatforge.tasks.synthetic")
-    except ModuleNotFoundError as e:
-        if e.name in ("chatforge.tasks.synthetic",):
-            return None
-        raise
+        pairs = identity.llama_factory_pairs(card, data_dir)
+    except (ChatforgeError, OSError):
+        pairs = []  # the dataset file is optional: the template phrasings above still run
+    for q, a in pairs:
+        need = tuple(w for w in ("name", "maker") if _mentions(a, getattr(card, w)))
+        if need and split_of("identity:" + q, 0.2) == "val":
+            out.append(item([{"role": "user", "content": q}], card.name, card.maker, need))
+    rng = random.Random(f"identity-probe|{seed}")
+    for t, q in val:
+        if t in ("name", "maker"):
+            name, maker = rng.choice(identity.OTHER_NAMES), rng.choice(identity.OTHER_MAKERS)
+            system = f"You are {name}, an AI assistant made by {maker}."
+            out.append(item([{"role": "system", "content": system}, {"role": "user", "content": q}], name, maker,
+                            asks[t]))
+    return out
+
+
+def _entity_items(task: Task, facts: str | os.PathLike | None, n: int, seed: int) -> list[dict]:
+    """Questions about fictional people (probing.entity_questions): the run's facts file splits them into
+    known (biographies in pretraining) and withheld; without one, every person is invented here and
+    so withheld. With a facts file, `group` 'heldout' marks people kept out of SFT's probing
+    conversations too."""
+    if facts:
+        known, unknown = probing.read_facts(facts)
+    elif task.source == "known":
+        raise ChatforgeError("no facts file: this run has no fictional people in its pretraining text (run the "
+                             "facts stage before pretraining to get this probe)")
+    else:
+        known, unknown = [], probing.make_entities(max(1, -(-n // 3)), seed=f"eval|{seed}")  # type: ignore[arg-type]
+    people = known if task.source == "known" else unknown
+    items = []
+    for e in people:
+        # SFT's probing conversations use the facts file's 'train' people (probing.entity_split)
+        group = {"group": "heldout" if probing.entity_split(e) == "val" else "sft"} if facts else {}
+        items += [{"question": q.question, "answer": q.answer, "variants": [q.answer],
+                   "messages": [{"role": "user", "content": q.question}], **group} for q in probing.entity_questions(e)]
+    return [items[i] for i in _subsample(len(items), n, seed)]
+
+
+def _fact_items() -> list[dict]:
+    return [{"question": q.question, "answer": q.answer, "variants": world_facts.answer_variants(q.answer),
+             "messages": [{"role": "user", "content": q.question}]} for q in world_facts.world_fact_questions()]
 
 
 def _probe_items(task: Task, n: int, seed: int) -> list[dict]:
-    syn = _synthetic()
-    out = []
-    for p in syn.make_problems(task.source, n, "test", seed):
-        if "messages" in p:
-            messages = p["messages"]
-        else:
-            messages = [{"role": "user", "content": p.get("question", p.get("prompt", ""))}]
-        out.append({**p, "messages": messages, "question": messages[-1]["content"]})
-    return out
+    """n problems of the probe's synthetic kind from the held-out 'val' split (words and operand tuples
+    that SFT's synthetic conversations never use), each asked as one user turn."""
+    return [{"question": p.prompt, "answer": p.answer, "messages": [{"role": "user", "content": p.prompt}]}
+            for p in synthetic.make_problems(task.source, n, "val", seed)]
 
 
 def run_generation_task(engine, task: Task, items: list[dict], *, limit: int = 0, seed: int = 1337,
@@ -480,7 +561,8 @@ def run_generation_task(engine, task: Task, items: list[dict], *, limit: int = 0
     t0 = time.time()
     tok, ctx = engine.tok, engine.config.max_seq_len
     chosen = [items[i] for i in _subsample(len(items), limit, seed)]
-    correct = too_long = tool_calls = 0
+    correct = too_long = tool_calls = refused = 0
+    groups: dict[str, list[int]] = {}  # group -> [correct, n], for items that carry a "group"
     shown: list[dict] = []
     bar = _bar(len(chosen), task.name, progress)
     for b in range(0, len(chosen), batch_size):
@@ -493,6 +575,10 @@ def run_generation_task(engine, task: Task, items: list[dict], *, limit: int = 0
         for (it, _), c in zip(runnable, completions):
             ok, got = check_reply(task, it, c.text, python_timeout)
             correct += ok
+            refused += got == "refused"
+            if "group" in it:
+                g = groups.setdefault(it["group"], [0, 0])
+                g[0], g[1] = g[0] + ok, g[1] + 1
             tool_calls += len(c.tool_calls)
             if len(shown) < examples:
                 shown.append({"question": str(it.get("question", ""))[:300], "reply": c.text[:500],
@@ -501,9 +587,14 @@ def run_generation_task(engine, task: Task, items: list[dict], *, limit: int = 0
         bar.update(len(batch))
     bar.close()
     n = len(chosen)
-    return {"status": "ok", "kind": task.kind, "accuracy": correct / n if n else float("nan"), "correct": correct,
-            "n": n, "of": len(items), "too_long": too_long, "tool_calls": tool_calls, "tools": task.tools,
-            "max_tokens": max_tokens, "examples": shown, "seconds": round(time.time() - t0, 2)}
+    out = {"status": "ok", "kind": task.kind, "accuracy": correct / n if n else float("nan"), "correct": correct,
+           "n": n, "of": len(items), "too_long": too_long, "tool_calls": tool_calls, "tools": task.tools,
+           "max_tokens": max_tokens, "examples": shown, "seconds": round(time.time() - t0, 2)}
+    if task.kind in ("entity", "facts"):
+        out["refusal_rate"] = refused / n if n else float("nan")
+    if groups:
+        out["groups"] = {g: {"correct": c, "n": m, "accuracy": c / m} for g, (c, m) in sorted(groups.items())}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,10 +630,12 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, tasks: Sequence[str], out
                         label: str = "", data_dir: str = "", limit: int = 0, seed: int = 1337,
                         batch_size: int = 16, max_tokens: int = 512, tokens_dir: str | os.PathLike | None = None,
                         bpb_text: Sequence[str] = (), bpb_tokens: int = 1 << 20, python_timeout: float = 5.0,
-                        probe_n: int = 100, device: str = "auto", dtype: str = "auto", force: bool = False,
-                        progress: bool = True, log: Callable[[str], None] = print) -> dict:
+                        probe_n: int = 100, identity_card: identity.IdentityCard | None = None,
+                        facts: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto",
+                        force: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Evaluate one checkpoint on `tasks` (names or groups; empty = what it can run) and write eval.json
-    after every task. Returns the eval.json content."""
+    after every task. Returns the eval.json content. `identity_card`: who the identity probe expects
+    (default IdentityCard()); `facts`: the run's facts file (known / withheld fictional people)."""
     from chatforge.checkpoint import load_checkpoint
     from chatforge.common import get_device
     from chatforge.engine import Engine
@@ -560,16 +653,22 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, tasks: Sequence[str], out
                              f"vocabulary is {info['model_config'].vocab_size}; the folder mixes two models")
     chat_ok, why = chat_protocol(info["config"], tok)
     todo = resolve_tasks(tasks, chat_ok, why)
+    left_out = [n for n in resolve_tasks(tasks, True) if n not in todo]
+    if left_out:
+        log(f"eval: {label or checkpoint}: leaving out {len(left_out)} chat task(s) ({', '.join(t.name for t in left_out)}): "
+            f"this checkpoint {why}")
     if dtype not in ("auto", "float32", "bfloat16"):
         raise ChatforgeError(f"--dtype {dtype}: choose auto, float32 or bfloat16")
     bf16 = dtype == "bfloat16" or (dtype == "auto" and dev.type == "cuda")
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
+    card = identity_card or identity.IdentityCard()
     ident = checkpoint_id(checkpoint)
     result = {"format": EVAL_FORMAT, "checkpoint": str(checkpoint), "label": label or ident["stage"] or "",
               "id": ident, "chat": chat_ok, "params": sum(p.numel() for p in model.parameters()),
               "settings": {"limit": limit, "seed": seed, "max_tokens": max_tokens, "bpb_tokens": bpb_tokens,
-                           "bpb_text": list(bpb_text), "probe_n": probe_n, "dtype": "bfloat16" if bf16 else "float32"},
+                           "bpb_text": list(bpb_text), "probe_n": probe_n, "dtype": "bfloat16" if bf16 else "float32",
+                           "identity": {"name": card.name, "maker": card.maker}, "facts": str(facts) if facts else None},
               "tasks": {}, "core": None, "complete": False}
     if out_path.exists() and not force:
         try:
@@ -597,24 +696,28 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, tasks: Sequence[str], out
                    if meta else {"status": "missing", "reason": f"{mc.CORE_META} not found in the data dir "
                                                                 f"{data_root} (the suite's shots and random baselines "
                                                                 f"come from it; `chatforge data download core_meta`)"})
-        elif task.kind == "todo":
-            res = {"status": "not_implemented", "reason": "next phase: identity and hallucination probes"}
         else:
-            if task.kind == "probe" and _synthetic() is None:
-                res = {"status": "unavailable", "reason": "needs chatforge/tasks/synthetic.py (branch sftlib)"}
-            else:
-                try:
-                    items = (_probe_items(task, limit or probe_n, seed) if task.kind == "probe"
-                             else _load_chat_items(task, data_dir))
-                except ChatforgeError as e:
-                    items, res = None, {"status": "missing", "reason": str(e)}
-                if items is not None:
-                    if engine is None:
-                        engine = Engine(model, tok, tools=_eval_tools(python_timeout), device=dev)
-                    res = run_generation_task(engine, task, items, limit=0 if task.kind == "probe" else limit,
-                                              seed=seed, batch_size=batch_size,
-                                              max_tokens=min(max_tokens, 32) if task.kind == "chat_mc" else max_tokens,
-                                              python_timeout=python_timeout, progress=progress)
+            try:
+                if task.kind == "probe":
+                    items = _probe_items(task, limit or probe_n, seed)
+                elif task.kind == "identity":
+                    items = _identity_items(card, data_dir, seed)
+                elif task.kind == "entity":
+                    items = _entity_items(task, facts, limit or probe_n, seed)
+                elif task.kind == "facts":
+                    items = _fact_items()
+                else:
+                    items = _load_chat_items(task, data_dir)
+            except ChatforgeError as e:
+                items, res = None, {"status": "missing", "reason": str(e)}
+            if items is not None:
+                if engine is None:
+                    engine = Engine(model, tok, tools=_eval_tools(python_timeout), device=dev)
+                short = {"chat_mc": 32, "identity": 64, "entity": 64, "facts": 64}  # a letter, a sentence
+                res = run_generation_task(engine, task, items, limit=0 if task.kind in ("probe", "entity") else limit,
+                                          seed=seed, batch_size=batch_size,
+                                          max_tokens=min(max_tokens, short.get(task.kind, max_tokens)),
+                                          python_timeout=python_timeout, progress=progress)
         res.setdefault("seconds", round(time.time() - t0, 2))
         result["tasks"][task.name] = res
         result["core"] = core_summary(result["tasks"])

@@ -459,6 +459,20 @@ def _cell(res: dict | None, key: str = "accuracy", digits: int = 3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, (int, float)) and math.isfinite(v) else "-"
 
 
+def _knowledge_cell(res: dict | None, refused: bool) -> str:
+    """Accuracy, then the accuracy on people SFT never saw and (`refused`) the refusal rate where the
+    result has them: "0.400 (unseen 0.33) (refused 0.10)"."""
+    cell = _cell(res)
+    if res is None or res.get("status") != "ok":
+        return cell
+    unseen = (res.get("groups") or {}).get("heldout")
+    if unseen:
+        cell += f" (unseen {unseen['accuracy']:.2f})"
+    if refused and isinstance(res.get("refusal_rate"), (int, float)):
+        cell += f" (refused {res['refusal_rate']:.2f})"
+    return cell
+
+
 def metrics_section(info: RunInfo) -> list[Block]:
     labels = [lab for lab, _ in CHECKPOINT_STAGES]
     blocks: list[Block] = [Heading("Metrics by stage")]
@@ -527,14 +541,26 @@ def probes_section(info: RunInfo) -> list[Block]:
             a, b = ev["tasks"].get(f"probe_{name}"), ev["tasks"].get(f"probe_{name}_tools")
             cells.append(f"{_cell(a)} / {_cell(b)}" if (a or b) else "-")
         rows.append([title] + cells)
-    for n in ("probe_identity", "probe_fictional", "probe_known_facts"):
-        rows.append([TASKS[n].title] + [_cell(info.evals[lab]["tasks"].get(n)) if lab in info.evals else "-"
-                                         for lab in labels])
+    for n in ("probe_identity", "probe_fictional", "probe_fictional_known", "probe_known_facts"):
+        # withheld people: the accuracy is the refusal rate already
+        rows.append([TASKS[n].title] + [_knowledge_cell(info.evals[lab]["tasks"].get(n), n != "probe_fictional")
+                                         if lab in info.evals else "-" for lab in labels])
     blocks.append(Table(["probe (no tools / tools)"] + [LABEL_TITLES[lab] for lab in labels], rows))
-    blocks.append(Para("Each cell: accuracy without tools / with the python tool. Probes run on chat checkpoints; "
-                       "`n/a` = the probe generators are not installed, `todo` = planned for the next phase, "
-                       "`-` = no chat checkpoint evaluated for that stage."))
+    blocks.append(Para("Each weak-spot cell: accuracy without tools / with the python tool. Identity: share of replies "
+                       "naming the assistant (and its maker when asked). Withheld fictional people: share refused; "
+                       "`unseen` = on people SFT never saw either. People in pretraining and well-known facts: share "
+                       "answered right, `refused` = share declined. Probes run on chat checkpoints; `-` = no chat "
+                       "checkpoint evaluated for that stage."))
     return blocks
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The run's most trained checkpoint (rlhf, else rl, else sft, else pretrain), or None."""
+    for _, stage in reversed(CHECKPOINT_STAGES):
+        ck = Path(root) / stage / "checkpoint"
+        if (ck / "config.json").exists():
+            return ck
+    return None
 
 
 def build_report(root: Path, out_dir: Path, gpu_setups: Sequence[GpuSetup] = (), mfu: float = 0.4,

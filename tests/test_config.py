@@ -190,3 +190,17 @@ def test_speedrun_takes_the_preset_named_in_its_file(tmp_path):
     cfg = parse(["speedrun", "--config", str(f)])
     assert cfg.preset == "gpu"
     assert parse(["speedrun", "--config", str(f), "--preset", "tiny"]).preset == "tiny"
+
+
+def test_pipeline_ends_with_evaluation_and_the_report():
+    """The speedrun scores every checkpoint and prints the report card after all training stages; the
+    tiny preset's evaluation names real tasks and leaves a base checkpoint something to run."""
+    from chatforge import evaluate as E
+    from chatforge.config import PIPELINE, EvalConfig
+
+    assert PIPELINE[-2:] == ["evaluate", "report"] and PIPELINE[:3] == ["data", "tokenizer", "pretrain"]
+    assert all(PIPELINE.index(s) < PIPELINE.index("evaluate") for s in ("pretrain", "sft", "rl", "rlhf") if s in PIPELINE)
+    tiny = resolve_config(EvalConfig, stage="evaluate", preset="tiny")
+    assert all(t in E.TASKS for t in tiny.tasks) and tiny.limit > 0
+    base = E.resolve_tasks(tiny.tasks, chat=False)
+    assert base[0].name == "bpb" and len(E.resolve_tasks(tiny.tasks, chat=True)) > len(base)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import types
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from chatforge.cli import main
 from chatforge.common import ChatforgeError
 from chatforge.engine import Engine
 from chatforge import evaluate as E
-from chatforge.tasks import mc
+from chatforge.tasks import mc, synthetic
 from chatforge.corpus import iter_documents
 from chatforge.tokenizer import Tokenizer
 from engine_helpers import ScriptedModel, random_model
@@ -290,43 +289,129 @@ def test_tools_variant_calls_the_python_sandbox(tok, shared_data):
     assert plain["tool_calls"] == 0
 
 
-def test_probes_with_the_synthetic_generators(tok, monkeypatch):
-    """Probes call chatforge.tasks.synthetic's make_problems / check_answer (branch sftlib). Here a
-    stand-in module with that API checks the wiring: kind, n, split and seed go in, each reply goes to
-    check_answer with its problem's answer."""
-    calls = []
+@pytest.mark.parametrize("kind", synthetic.KINDS)
+def test_probes_use_the_held_out_synthetic_problems(tok, kind):
+    """Each weak-spot probe asks chatforge.tasks.synthetic's held-out ('val') problems of its kind (none
+    of them among the training problems) and grades with its check_answer: the right answer stated is
+    correct, a wrong one is not; the `_tools` variant runs the python call and grades the reply after it."""
+    name = next(n for n, _, k in E.PROBES if k == kind)
+    t, tt = E.TASKS[f"probe_{name}"], E.TASKS[f"probe_{name}_tools"]
+    items = E._probe_items(t, 5, seed=9)
+    assert [it["question"] for it in items] == [p.prompt for p in synthetic.make_problems(kind, 5, "val", 9)]
+    train = {p.prompt for p in synthetic.make_problems(kind, 400, "train", 9)}
+    assert not train & {it["question"] for it in items}
+    assert items[0]["messages"] == [{"role": "user", "content": items[0]["question"]}]
+    first = items[:1]
+    right = E.run_generation_task(scripted_engine(tok, f"The answer is {first[0]['answer']}."), t, first,
+                                  batch_size=1, max_tokens=64, progress=False)
+    wrong = E.run_generation_task(scripted_engine(tok, "The answer is 7xq."), t, first, batch_size=1,
+                                  max_tokens=64, progress=False)
+    assert (right["correct"], wrong["correct"]) == (1, 0)
+    problem = synthetic.make_problems(kind, 1, "val", 9)[0]
+    sp = tok.special_tokens
+    script = ([sp["<|python_start|>"]] + tok.encode(f"print({problem.code})") + [sp["<|python_end|>"]]
+              + tok.encode(f" The answer is {problem.answer}.") + [sp["<|assistant_end|>"]])
+    tools = E.run_generation_task(scripted_engine(tok, script), tt, first, batch_size=1, max_tokens=96,
+                                  progress=False)
+    assert tools["tool_calls"] == 1 and tools["correct"] == 1 and tools["tools"]
 
-    def make_problems(kind, n, split, seed):
-        calls.append((kind, n, split, seed))
-        return [{"question": f"How many r in strawberry? ({i})", "answer": "3"} for i in range(n)]
 
-    def check_answer(kind, reply, answer):
-        return reply.strip().endswith(answer)
+def _reply_all(tok, task: str, items: list[dict], reply: str) -> dict:
+    return E.run_generation_task(scripted_engine(tok, reply), E.TASKS[task], items, batch_size=1, max_tokens=64,
+                                 progress=False)
 
-    monkeypatch.setitem(sys.modules, "chatforge.tasks.synthetic",
-                        types.SimpleNamespace(make_problems=make_problems, check_answer=check_answer))
-    t = E.TASKS["probe_letter_count"]
-    items = E._probe_items(t, 3, seed=9)
-    assert calls == [("letter_count", 3, "test", 9)] and items[0]["messages"][0]["role"] == "user"
-    res = E.run_generation_task(scripted_engine(tok, "There are 3"), t, items, batch_size=1, max_tokens=16,
-                                progress=False)
-    assert (res["n"], res["correct"]) == (3, 3)
+
+def test_identity_probe_with_scripted_replies(tok, shared_data):
+    """The identity probe asks held-out phrasings only (none occurs in identity.py's training
+    conversations), with and without a system prompt giving another identity, and counts a reply
+    right when it names who it should be (and its maker when asked who made it)."""
+    from chatforge.tasks import identity
+
+    card = identity.IdentityCard(name="Orion", maker="Northwind Labs")
+    items = E._identity_items(card, str(shared_data), seed=0)
+    trained = {m["content"] for conv in identity.identity_conversations(card, 400, "train", 0, str(shared_data))
+               for m in conv if m["role"] == "user"}
+    assert items and not trained & {it["question"] for it in items}
+    plain = [it for it in items if it["messages"][0]["role"] == "user"]
+    override = [it for it in items if it["messages"][0]["role"] == "system"]
+    asks_maker = sum(bool(it["maker"]) for it in plain)
+    assert override and 0 < asks_maker < len(plain)
+    full = _reply_all(tok, "probe_identity", plain, "I'm Orion, an AI assistant made by Northwind Labs.")
+    name_only = _reply_all(tok, "probe_identity", plain, "My name is Orion.")
+    other = _reply_all(tok, "probe_identity", plain, "I am ChatGPT, made by OpenAI.")
+    assert (full["correct"], other["correct"]) == (len(plain), 0)
+    assert name_only["correct"] == sum(not it["maker"] for it in plain)
+    assert _reply_all(tok, "probe_identity", override, "I'm Orion, made by Northwind Labs.")["correct"] == 0
+    sys_item = override[0]
+    follows = f"I am {sys_item['name']}, built by {sys_item['maker'] or 'someone'}."
+    assert _reply_all(tok, "probe_identity", [sys_item], follows)["correct"] == 1
+    # the card: SFT config's identity table or identity_<field> entries, else the defaults
+    assert E.identity_card({"identity": {"name": "Ada", "maker": "Acme"}, "lr": 1}).name == "Ada"
+    assert E.identity_card({"identity_maker": "Acme"}).maker == "Acme"
+    assert E.identity_card(None) == identity.IdentityCard()
+
+
+def test_hallucination_probes_with_scripted_replies(tok, tmp_path):
+    """Withheld fictional people should be refused, people whose biographies were in pretraining
+    answered (probing.normalized_match), well-known facts answered; the refusal rate is kept apart.
+    Scores agree with probing.entity_probe_rates on the same replies."""
+    from chatforge.tasks import probing
+
+    known, unknown = probing.split_known(probing.make_entities(20, seed=3), 0.5, seed=3)
+    facts = tmp_path / "facts.jsonl"
+    probing.write_facts(facts, known, unknown)
+    withheld = E._entity_items(E.TASKS["probe_fictional"], facts, 12, seed=0)
+    assert len(withheld) == 12 and all(any(e.name in it["question"] for e in unknown) for it in withheld)
+    refuse = _reply_all(tok, "probe_fictional", withheld, "I'm sorry, but I don't know who that is.")
+    invent = _reply_all(tok, "probe_fictional", withheld, "She was born in Lisbon in 1901 and was a potter.")
+    assert (refuse["accuracy"], refuse["refusal_rate"], invent["accuracy"], invent["refusal_rate"]) == (1, 1, 0, 0)
+    assert set(refuse["groups"]) <= {"heldout", "sft"} and sum(g["n"] for g in refuse["groups"].values()) == 12
+    person = known[0]
+    city = [it for it in E._entity_items(E.TASKS["probe_fictional_known"], facts, 0, 0)
+            if it["question"] == f"Where was {person.name} born?"]
+    assert _reply_all(tok, "probe_fictional_known", city, f"{person.name} was born in {person.birth_city}.")["correct"] == 1
+    wrong_city = next(c for c in probing.CITIES if c != person.birth_city)
+    assert _reply_all(tok, "probe_fictional_known", city, f"In {wrong_city}.")["correct"] == 0
+    declined = _reply_all(tok, "probe_fictional_known", city, "I'm not sure.")
+    assert (declined["correct"], declined["refusal_rate"]) == (0, 1)
+    with pytest.raises(ChatforgeError, match="no facts file"):
+        E._entity_items(E.TASKS["probe_fictional_known"], None, 5, 0)
+    invented = E._entity_items(E.TASKS["probe_fictional"], None, 7, 0)  # no facts file: made-up people, withheld
+    assert len(invented) == 7 and "group" not in invented[0]
+    france = [it for it in E._fact_items() if it["question"] == "What is the capital of France?"]
+    water = [it for it in E._fact_items() if "freezing point" in it["question"]]
+    assert _reply_all(tok, "probe_known_facts", france, "The capital of France is Paris.")["correct"] == 1
+    assert _reply_all(tok, "probe_known_facts", france, "It is Lyon.")["correct"] == 0
+    assert _reply_all(tok, "probe_known_facts", water, "Water freezes at zero degrees.")["correct"] == 1
+    # the same replies scored by tasks.probing's own rates
+    rng = random.Random(5)
+    script = {}
+    for e in known + unknown:
+        for q in probing.entity_questions(e):
+            script[q.question] = rng.choice(["I don't know.", f"It was {q.answer}.", "It was 1850 in Oslo."])
+    rates = probing.entity_probe_rates(lambda qs, k: [[script[q]] for q in qs], known, unknown)
+    for task, key in (("probe_fictional", "unknown_refusal_rate"), ("probe_fictional_known", "known_correct_rate")):
+        items = E._entity_items(E.TASKS[task], facts, 0, 0)
+        got = [E.check_reply(E.TASKS[task], it, script[it["question"]])[0] for it in items]
+        assert sum(got) / len(got) == pytest.approx(rates[key])
 
 
 def test_batched_generation_on_a_chat_checkpoint(run_root, tmp_path, shared_data):
     """A random-weight chat checkpoint through evaluate_checkpoint: batched greedy generation for the
-    chat tasks, the base suite too; probes without their generators are recorded as unavailable,
-    identity/hallucination hooks as not implemented; eval.json complete."""
+    chat tasks, the base suite too, a weak-spot probe; eval.json complete."""
     out = tmp_path / "eval.json"
     res = E.evaluate_checkpoint(run_root / "r" / "sft" / "checkpoint",
-                                ["gsm8k", "chat_arc_easy", "copa", "probe_spelling", "probe_identity"], out,
+                                ["gsm8k", "chat_arc_easy", "copa", "probe_spelling", "probe_identity",
+                                 "probe_fictional", "probe_fictional_known", "probe_known_facts"], out,
                                 data_dir=str(shared_data), limit=3, batch_size=3, max_tokens=6, progress=False,
                                 log=lambda s: None)
     t = res["tasks"]
     assert res["chat"] and res["complete"] and json.loads(out.read_text()) == json.loads(json.dumps(res))
     assert t["gsm8k"]["n"] == 3 and t["chat_arc_easy"]["n"] == 3 and t["copa"]["n"] == 3
-    assert t["probe_spelling"]["status"] == ("ok" if E._synthetic() else "unavailable")
-    assert t["probe_identity"]["status"] == "not_implemented"
+    assert t["probe_spelling"]["status"] == "ok" and t["probe_spelling"]["n"] == 3
+    assert all(t[n]["status"] == "ok" and t[n]["n"] == 3 for n in ("probe_identity", "probe_fictional", "probe_known_facts"))
+    assert t["probe_fictional_known"]["status"] == "missing" and "no facts file" in t["probe_fictional_known"]["reason"]
+    assert res["settings"]["identity"] == {"name": "chatforge", "maker": "the chatforge project"}
     assert all(len(ex["reply"]) > 0 for ex in t["gsm8k"]["examples"])
 
 
@@ -376,6 +461,11 @@ def test_task_names_and_chat_protocol(run_root, tok, tmp_path):
         E.resolve_tasks(["nope"], chat=True)
     assert [t.name for t in E.resolve_tasks([], chat=False)] == E.GROUPS["base"]
     assert [t.name for t in E.resolve_tasks(["all"], chat=True)] == E.GROUPS["all"]
+    # one list for every checkpoint of a run: a base model leaves its chat tasks out, unless none is left
+    assert [t.name for t in E.resolve_tasks(["bpb", "gsm8k", "probes"], chat=False)] == ["bpb"]
+    assert [t.name for t in E.resolve_tasks(["bpb", "gsm8k"], chat=True)] == ["bpb", "gsm8k"]
+    with pytest.raises(ChatforgeError, match="probe_identity.*need a chat model"):
+        E.resolve_tasks(["probes"], chat=False)
     assert E.chat_protocol({"stage": "sft"}, tok) == (True, "")
     ok, why = E.chat_protocol({"stage": "pretrain"}, tok)
     assert not ok and "base model" in why
@@ -413,6 +503,26 @@ def test_eval_command(run_root, shared_data, capsys):
     assert "has no checkpoints yet" in capsys.readouterr().err
     assert main(["eval", "--tasks", "list"]) == 0
     assert "probes: probe_letter_count" in capsys.readouterr().out
+
+
+def test_eval_command_reads_the_identity_card_and_facts(tmp_path, tok_dir, shared_data):
+    """The stage hands the sft stage's identity card and the facts stage's file to the probes."""
+    from chatforge.tasks import probing
+
+    run = tmp_path / "runs" / "q"
+    _ckpt(run / "sft" / "checkpoint", tok_dir, "sft")
+    (run / "sft" / "config.json").write_text(json.dumps({"identity": {"name": "Kestrel", "maker": "Acme"}}))
+    known, unknown = probing.split_known(probing.make_entities(6, seed=1), 0.5, seed=1)
+    (run / "facts").mkdir()
+    probing.write_facts(run / "facts" / "facts.jsonl", known, unknown)
+    args = ["eval", "sft", "--run", "q", "--runs_dir", str(tmp_path / "runs"), "--data_dir", str(shared_data),
+            "--threads", "1", "--tasks", "probe_identity,probe_fictional_known", "--limit", "2", "--max_tokens", "4"]
+    assert main(args) == 0
+    ev = E.read_eval(run / "eval" / "sft" / "eval.json")
+    assert ev["settings"]["identity"] == {"name": "Kestrel", "maker": "Acme"}
+    assert ev["tasks"]["probe_fictional_known"]["n"] == 2 and "groups" in ev["tasks"]["probe_fictional_known"]
+    (run / "sft" / "config.json").write_text("{not json")
+    assert main(args) == 2
 
 
 def test_missing_data_is_reported_not_faked(run_root, tmp_path, shared_data):

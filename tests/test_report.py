@@ -59,7 +59,9 @@ def run(tmp_path) -> Path:
                   "hellaswag": {"status": "missing", "reason": "eval/hellaswag/x not found"}}
     sft_tasks = {"bpb": ok(bpb=1.75), "arc_easy": ok(accuracy=0.31, centered=0.08), "gsm8k": ok(accuracy=0.125),
                  "probe_spelling": ok(accuracy=0.2), "probe_spelling_tools": ok(accuracy=0.6),
-                 "probe_identity": {"status": "not_implemented"}, "probe_reversal": {"status": "unavailable"}}
+                 "probe_identity": ok(accuracy=0.5), "probe_reverse": {"status": "missing", "reason": "x"},
+                 "probe_fictional": ok(accuracy=0.9, refusal_rate=0.9, groups={"heldout": {"accuracy": 0.75}}),
+                 "probe_known_facts": ok(accuracy=0.1, refusal_rate=0.3)}
     write_json(root / "eval" / "base" / "eval.json", _eval("base", "pretrain", base_tasks, limit=100))
     write_json(root / "eval" / "sft" / "eval.json", _eval("sft", "sft", sft_tasks))
     return root
@@ -96,9 +98,13 @@ def test_report_sections(run):
     assert table_rows(md, "GSM8K")[1:3] == ["-", "0.125"]
     assert "BASE: 100 examples per task" in md and "RL: not run yet." in md
     assert "hellaswag: eval/hellaswag/x not found" in md
-    # probes: without / with tools; unavailable generators and next-phase hooks say so
+    # probes: without / with tools, a probe that could not run says so; identity and hallucination
     assert table_rows(md, "spelling")[1:3] == ["-", "0.200 / 0.600"]
-    assert table_rows(md, "reversal")[2] == "n/a / -" and table_rows(md, "identity")[1:3] == ["-", "todo"]
+    assert table_rows(md, "word reversal")[2] == "missing / -"
+    assert table_rows(md, "identity (names itself, its maker)")[1:3] == ["-", "0.500"]
+    assert table_rows(md, "withheld fictional people (refuses)")[2] == "0.900 (unseen 0.75)"
+    assert table_rows(md, "well-known facts (answers)")[2] == "0.100 (refused 0.30)"
+    assert table_rows(md, "fictional people in pretraining (answers)")[2] == "-"
 
 
 def test_markdown_lines_up_and_html_is_self_contained(run):
@@ -173,3 +179,19 @@ def test_report_of_a_real_evaluation(tmp_path, shared_data):
     assert table_rows(md, "COPA (acc)")[1] == f"{res['tasks']['copa']['accuracy']:.3f}"
     assert table_rows(md, "val bits/byte")[1] == f"{res['tasks']['bpb']['bpb']:.4f}"
     assert table_rows(md, "CORE (centred, mean)")[1] == f"{res['core']['score']:.4f} (1/9)"
+
+
+def test_speedrun_ends_with_commands_for_the_latest_checkpoint(tmp_path):
+    from chatforge.report import latest_checkpoint
+    from chatforge.stages.speedrun import next_steps
+
+    root = tmp_path / "runs" / "t"
+    assert latest_checkpoint(root) is None and "no checkpoint yet" in next_steps(root)
+    for stage in ("pretrain", "sft"):
+        (root / stage / "checkpoint").mkdir(parents=True)
+        (root / stage / "checkpoint" / "config.json").write_text("{}")
+        text = next_steps(root)
+        assert latest_checkpoint(root) == root / stage / "checkpoint"
+        assert f"chatforge chat {root / stage / 'checkpoint'}" in text
+        assert f"chatforge serve {root / stage / 'checkpoint'}" in text
+        assert ("base model" in text) == (stage == "pretrain")

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from chatforge.common import ChatforgeError, log0, setup_threads, stage_dir, stage_run
-from chatforge.evaluate import evaluate_checkpoint, list_tasks
+from chatforge.evaluate import evaluate_checkpoint, identity_card, list_tasks
 from chatforge.report import CHECKPOINT_STAGES
 
 
@@ -66,6 +66,16 @@ def run(cfg) -> dict:
     if cfg.python_timeout <= 0:
         raise ChatforgeError(f"--python_timeout {cfg.python_timeout}: must be positive")
     setup_threads(cfg.threads)
+    root = Path(cfg.runs_dir) / cfg.run
+    # The identity SFT taught (its config's identity card, else the defaults) and the facts stage's
+    # fictional people (known / withheld), when this run has them: files of those stages, read here.
+    sft_config = root / "sft" / "config.json"
+    try:
+        card = identity_card(json.loads(sft_config.read_text(encoding="utf-8")) if sft_config.exists() else None)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise ChatforgeError(f"{sft_config}: cannot read the identity card SFT used ({e}); fix or delete the file "
+                             f"(the identity probe then expects the default card)") from None
+    facts = root / "facts" / "facts.jsonl"
     summary = {}
     for label, ck in targets(cfg):
         out = stage_dir(cfg, f"eval/{label}")
@@ -73,9 +83,10 @@ def run(cfg) -> dict:
         with stage_run(cfg, f"eval/{label}") as srun:
             result = evaluate_checkpoint(
                 ck, cfg.tasks, out / "eval.json", label=label, data_dir=cfg.data_dir, limit=cfg.limit, seed=cfg.seed,
-                batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, tokens_dir=Path(cfg.runs_dir) / cfg.run / "pretrain"
-                / "tokens", bpb_text=cfg.bpb_text, bpb_tokens=cfg.bpb_tokens, python_timeout=cfg.python_timeout,
-                probe_n=cfg.probe_n, device=cfg.device, dtype=cfg.dtype, force=cfg.force, log=log0)
+                batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, tokens_dir=root / "pretrain" / "tokens",
+                bpb_text=cfg.bpb_text, bpb_tokens=cfg.bpb_tokens, python_timeout=cfg.python_timeout,
+                probe_n=cfg.probe_n, identity_card=card, facts=facts if facts.exists() else None, device=cfg.device,
+                dtype=cfg.dtype, force=cfg.force, log=log0)
             for name, res in result["tasks"].items():
                 srun.log(event="task", task=name, **{k: v for k, v in res.items()
                                                      if isinstance(v, (int, float, str, bool)) or v is None})

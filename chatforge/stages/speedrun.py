@@ -1,4 +1,5 @@
-"""`chatforge speedrun`: every pipeline stage in order on one preset, skipping complete stages.
+"""`chatforge speedrun`: every pipeline stage in order on one preset, skipping complete stages, then
+the report card (printed by the report stage) and the commands to chat with and serve the result.
 
 Each stage gets the preset, the optional TOML file's [<stage>] section, and the shared settings given
 here (run, runs_dir, data_dir, device, threads, seed, force), in that order of precedence. A stage
@@ -11,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import time
+from pathlib import Path
 
 from chatforge.common import ChatforgeError, log0
 from chatforge.config import PIPELINE, STAGE_CONFIGS, CommonConfig, SpeedrunConfig, resolve_config
+from chatforge.report import latest_checkpoint
 
 
 def run(cfg: SpeedrunConfig) -> dict:
@@ -35,4 +38,18 @@ def run(cfg: SpeedrunConfig) -> dict:
         summary[name] = importlib.import_module(f"chatforge.stages.{name}").run(stage_cfg)
         log0(f"=== speedrun: {name} done in {time.time() - t:.1f}s ===")
     log0(f"\nspeedrun: {len(summary)} stage(s) complete in {time.time() - t0:.1f}s")
+    if summary:
+        log0(next_steps(Path(stage_cfg.runs_dir) / stage_cfg.run))
     return summary
+
+
+def next_steps(root: Path) -> str:
+    """What to type next: chat with and serve the run's most trained checkpoint."""
+    ck = latest_checkpoint(root)
+    if ck is None:
+        return f"speedrun: {root} has no checkpoint yet"
+    base = ("" if ck.parent.name != "pretrain" else
+            "\n  (a base model: it continues text rather than chatting; the sft stage makes a chat model)")
+    return (f"\nthe result: {ck}{base}\n  chat with it:  chatforge chat {ck}\n"
+            f"  serve it:      chatforge serve {ck}   (OpenAI-compatible API and web chat on http://127.0.0.1:8000)\n"
+            f"  report card:   {root / 'report' / 'report.html'}")
