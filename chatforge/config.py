@@ -235,6 +235,17 @@ class ChatConfig(GenerationConfig):
 
 
 @dataclass
+class FactsConfig(CommonConfig):
+    """`chatforge facts`: fictional people for the controlled knowledge probe (chatforge/tasks/probing.py).
+    Biographies of the *known* half go into pretraining text (the tiny preset's corpus lists
+    `stage:facts`); the *unknown* half is withheld everywhere, so SFT can teach answer-vs-refuse."""
+
+    entities: int = option(60, "fictional people to invent (half known, half unknown with known_fraction 0.5)")
+    known_fraction: float = option(0.5, "share of the people whose biographies go into pretraining text")
+    repeats: int = option(100, "biographies per known person (a fact seen once is rarely learned at small scale)")
+
+
+@dataclass
 class SpeedrunConfig(CommonConfig):
     preset: str = option("tiny", "preset every stage starts from")
     config: str = option("", "TOML file with a [<stage>] section per stage (flags here still win)")
@@ -244,10 +255,10 @@ class SpeedrunConfig(CommonConfig):
 # ----------------------------------------------------------------------------------------------
 # Presets: named bundles of settings, per stage. A preset only sets fields; flags still override.
 
-STAGE_CONFIGS: dict[str, type] = {"data": DataConfig, "tokenizer": TokenizerConfig, "pretrain": PretrainConfig,
-                                  "index": IndexConfig, "speedrun": SpeedrunConfig}
+STAGE_CONFIGS: dict[str, type] = {"data": DataConfig, "facts": FactsConfig, "tokenizer": TokenizerConfig,
+                                  "pretrain": PretrainConfig, "index": IndexConfig, "speedrun": SpeedrunConfig}
 # What `chatforge speedrun` runs, in order; each name is a module chatforge.stages.<name> with run(cfg).
-PIPELINE: list[str] = ["data", "tokenizer", "pretrain", "index"]  # index: the search tool's, over the data shards
+PIPELINE: list[str] = ["data", "facts", "tokenizer", "pretrain", "index"]  # index: the search tool's, over the data shards
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # 2 CPU cores, minutes end to end: a small vocab keeps the embedding and head cheap on CPU.
@@ -263,6 +274,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "languages": ["en"],
             "shard_docs": 1000,
         },
+        # 60 fictional people, 30 of them with 150 biographies each in pretraining text (~0.35 MB, ~3%
+        # of the corpus): the controlled knowledge probe of the SFT stage.
+        "facts": {"entities": 60, "repeats": 150},
         "tokenizer": {
             "vocab_size": 4096,
             "corpus": [
@@ -271,6 +285,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                 "text/tinyshakespeare.txt.gz",
                 "math/gsm8k/train.jsonl",
                 "chat/oasst/en_100_tree.jsonl",
+                "stage:facts",  # biographies of the controlled probe's known people (~1% of the text)
             ],
             "max_chars": 20_000_000,
         },
