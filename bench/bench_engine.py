@@ -1,23 +1,35 @@
 #!/usr/bin/env python
 """Inference benchmark: chatforge's Engine vs Hugging Face `generate` on the same weights.
 
-One process, one machine, same threads. A random-weight chatforge model of a realistic small size
-(default depth 6: width 384, 6 heads, vocab 8192, ~17M parameters) is saved as a checkpoint,
+One process, one machine, same threads. A random-weight chatforge model is saved as a checkpoint,
 exported with `chatforge export` (chatforge/export.py) and loaded by `transformers` as
-Qwen3ForCausalLM, so both sides run the very same float32 weights. Greedy decoding, no stop token,
-the same prompts; the generated tokens are checked to be identical before timings are reported.
-Run by hand, never in the test suite:
+Qwen3ForCausalLM, so both sides run the very same float32 weights. Greedy decoding, the same
+prompts; every path's generated tokens must be identical on both sides (the script stops with an
+error otherwise) before timings are reported. Run by hand, never in the test suite:
 
-    python bench/bench_engine.py                      # batch 1 and 8, prompt 128, 128 new tokens
-    python bench/bench_engine.py --depth 4 --vocab 4096 --new 64 --trials 5
+    python bench/bench_engine.py                      # default: depth 6 (width 384, vocab 8192, 16.9M params)
+    python bench/bench_engine.py --depth 4 --vocab 4096 --trials 5   # the `tiny` preset's size (5.3M params)
+    python bench/bench_engine.py --baseline bf4df4e --threads 1      # this engine vs an older commit's
+
+Both sizes are worth quoting: at depth 4 the fixed per-step cost (where the engine wins) is a larger
+share of a step than at depth 6. Batch 1 and 8, prompt 128, 128 new tokens by default.
 
 What is measured (best of --trials, each side alternating within a trial):
 
 - decode tokens/s: B*(N-1) / (t(N new tokens) - t(1 new token)), i.e. the per-step cost once the
   prompt is in the cache, with each side's whole generate call (sampling, bookkeeping) included.
 - prefill tokens/s: B*T / t(1 new token): the prompt forward pass plus one sampling step.
+- replies of different lengths (batch > 1): each row stops at its own stop token, as in a chat batch.
 - KV cache bytes per token (per sequence) and the cache chatforge allocates for the request.
 - peak RSS of each side's phase (the high-water mark is reset through /proc/self/clear_refs).
+
+--baseline REV: no transformers; chatforge's engine at REV (chatforge/engine.py and model.py of that
+commit, loaded under other module names) against the working tree's, same weights, same process,
+alternating; decode ms per step, median and min, identical tokens asserted. For checking that an
+engine change did not cost speed.
+
+The checkpoint and export (~40 MB at the default size) go to a temporary folder that is deleted at
+the end, also on an error.
 """
 
 from __future__ import annotations
@@ -25,6 +37,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -99,23 +113,18 @@ def replies_of_different_lengths(B, greedy, ours, theirs, hf, args, t_ours_1, t_
     return B, lengths, sum(lengths) - B, t_ours - t_ours_1, t_hf - t_hf_1
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--depth", type=int, default=6)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens")
-    ap.add_argument("--new", type=int, default=128, help="new tokens per sequence")
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--trials", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+def cpu_name() -> str:
+    """The CPU model (the ratios depend on it: AVX-512 or not, Intel or AMD), from /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
-    import transformers
 
-    from chatforge.checkpoint import save_checkpoint
-    from chatforge.engine import Engine
-    from chatforge.export import export_hf
+def random_model(args):
     from chatforge.model import GPT, ModelConfig
 
     cfg = ModelConfig.from_depth(args.depth, vocab_size=args.vocab, max_seq_len=1024)
@@ -125,22 +134,97 @@ def main() -> None:
         for p in model.parameters():
             if p.ndim == 2:
                 p.normal_(0.0, 0.5 / p.shape[1] ** 0.5)
-    model.eval()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-engine-"))
+    return model.eval()
+
+
+def header(args, model, title: str) -> None:
+    cfg = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"# {title}")
+    print(f"machine: {platform.node()}, {cpu_name()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+          f"{args.threads} threads, python {platform.python_version()}")
+    print(f"model: depth {cfg.n_layer}, width {cfg.n_embd}, heads {cfg.n_head}, vocab {cfg.vocab_size}, "
+          f"{n_params / 1e6:.1f}M parameters, float32; prompt {args.prompt} tokens, {args.new} new tokens, greedy")
+    print(f"command: python {' '.join(sys.argv)}\n")
+
+
+def load_baseline(rev: str, tmp: Path):
+    """chatforge/engine.py and model.py as of git revision `rev`, imported as modules of their own
+    (`_baseline_model`, `_baseline_engine`: the old engine's `chatforge.model` import is pointed at
+    the old model) so both engines run in this process on the same weights."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+    mods = {}
+    for name in ("model", "engine"):
+        try:
+            text = subprocess.run(["git", "-C", str(root), "show", f"{rev}:chatforge/{name}.py"], check=True,
+                                  capture_output=True, text=True).stdout
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise SystemExit(f"--baseline {rev}: cannot read chatforge/{name}.py at that revision ({e}); "
+                             f"give a commit of this repository") from None
+        text = text.replace("from chatforge.model import", "from _baseline_model import")
+        path = tmp / f"_baseline_{name}.py"
+        path.write_text(text)
+        spec = importlib.util.spec_from_file_location(f"_baseline_{name}", path)
+        mods[name] = importlib.util.module_from_spec(spec)
+        sys.modules[f"_baseline_{name}"] = mods[name]
+        spec.loader.exec_module(mods[name])
+    return mods["model"], mods["engine"]
+
+
+def run_baseline(args, tmp: Path) -> None:
+    """This engine vs the one at --baseline, decode ms per step (see the module docstring)."""
+    from chatforge.engine import Engine
+
+    old_model, old_engine = load_baseline(args.baseline, tmp)
+    model = random_model(args)
+    cfg = model.config
+    old = old_model.GPT(old_model.ModelConfig(**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}))
+    old.load_state_dict(model.state_dict())
+    engines = {args.baseline: old_engine.Engine(old.eval()), "working tree": Engine(model)}
+    header(args, model, f"chatforge Engine: working tree vs {args.baseline}")
+    print("| batch | engine | decode ms/step, min | median | working tree / baseline (median) |")
+    print("|---:|---|---:|---:|---:|")
+    g = torch.Generator().manual_seed(1)
+    for B in [int(b) for b in args.batches.split(",")]:
+        prompts = torch.randint(0, cfg.vocab_size - 1, (B, args.prompt), generator=g).tolist()
+        tokens = {k: [c.tokens for c in e.generate(prompts, max_tokens=args.new, temperature=0)]
+                  for k, e in engines.items()}  # also the warm-up
+        if len({str(t) for t in tokens.values()}) != 1:
+            raise SystemExit(f"batch {B}: the two engines give different greedy tokens; no timings")
+        ms = {k: [] for k in engines}
+        for _ in range(args.trials):
+            for k, e in engines.items():
+                t0 = time.perf_counter()
+                e.generate(prompts, max_tokens=1, temperature=0)
+                t1 = time.perf_counter()
+                e.generate(prompts, max_tokens=args.new, temperature=0)
+                t2 = time.perf_counter()
+                ms[k].append(((t2 - t1) - (t1 - t0)) / (args.new - 1) * 1e3)
+        med = {k: sorted(v)[len(v) // 2] for k, v in ms.items()}
+        for k in engines:
+            ratio = f"{med[k] / med[args.baseline]:.3f}" if k != args.baseline else ""
+            print(f"| {B} | {k} | {min(ms[k]):.3f} | {med[k]:.3f} | {ratio} |", flush=True)
+    print("\nidentical greedy tokens from both engines at every batch size")
+
+
+def run_vs_transformers(args, tmp: Path) -> None:
+    import transformers
+
+    from chatforge.checkpoint import save_checkpoint
+    from chatforge.engine import Engine
+    from chatforge.export import export_hf
+
+    model = random_model(args)
+    cfg = model.config
     save_checkpoint(tmp / "ckpt", model)
     hf_dir = export_hf(tmp / "ckpt", tmp / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     engine = Engine(model)
-    n_params = sum(p.numel() for p in model.parameters())
-
-    print(f"# chatforge Engine vs transformers {transformers.__version__} generate")
-    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
-          f"torch {torch.__version__}, {args.threads} threads, python {platform.python_version()}")
-    print(f"model: depth {cfg.n_layer}, width {cfg.n_embd}, heads {cfg.n_head}, vocab {cfg.vocab_size}, "
-          f"{n_params / 1e6:.1f}M parameters, float32; prompt {args.prompt} tokens, {args.new} new tokens, greedy")
-    print(f"command: python {' '.join(sys.argv)}\n")
+    header(args, model, f"chatforge Engine vs transformers {transformers.__version__} generate")
     kv = engine.kv_bytes_per_token()
     rows, ragged = [], []
     g = torch.Generator().manual_seed(1)
@@ -161,6 +245,9 @@ def main() -> None:
             a = [c.tokens for c in ours(args.new)()]
             b = theirs(args.new)()[:, args.prompt:].tolist()
             same = sum(x == y for x, y in zip(a, b))
+            if same != B:
+                raise SystemExit(f"batch {B}: chatforge and transformers disagree on {B - same} of {B} greedy "
+                                 f"sequences (a bug on one side); no timings")
             # peak RSS of each side's phase, in its own untimed pass
             peak_rss_reset()
             ours(args.new)()
@@ -203,6 +290,28 @@ def main() -> None:
     print(f"\nKV cache: {kv:,} bytes per token per sequence (K and V x {cfg.n_layer} layers x {cfg.n_kv_head} kv heads "
           f"x {cfg.head_dim} dims x 4 bytes); chatforge preallocates prompt + max_tokens positions, not the "
           f"{cfg.max_seq_len}-token context ({kv * cfg.max_seq_len / 2**20:.1f} MB per sequence).")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--depth", type=int, default=6)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    ap.add_argument("--new", type=int, default=128, help="new tokens per sequence")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--baseline", default=None, help="git revision: time this engine against that one's")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-engine-"))
+    try:
+        if args.baseline:
+            run_baseline(args, tmp)
+        else:
+            run_vs_transformers(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,18 @@ STAGES: dict[str, str] = {
     "tokenizer": "train a byte-level BPE tokenizer (rustbpe) and write its compression report",
     "pretrain": "train the base model (next-token prediction) on the tokenized corpus; torchrun for many GPUs",
     "index": "build the search tool's full-text index (SQLite FTS5, BM25) over the data shards or given files",
+    "evaluate": "score checkpoints: bits per byte, the multiple-choice suite (CORE), chat tasks and probes "
+                "-> eval.json",
+    "report": "write the run's report card (report.md, report.html, plots) and print it",
     "speedrun": "run every pipeline stage in order on one preset (complete stages are skipped)",
+}
+# Short names typed on the command line for a stage command.
+ALIASES: dict[str, str] = {"eval": "evaluate"}
+# Stage commands that take one config field as an optional positional argument.
+POSITIONAL: dict[str, tuple[str, str]] = {
+    "evaluate": ("source", "a stage of the run (pretrain, sft, rl, rlhf) or a checkpoint folder; "
+                           "default: every stage checkpoint the run has"),
+    "report": ("run", "run name (runs/<RUN>) or run folder"),
 }
 # The data stage is reached through a sub-action, `chatforge data process`.
 DATA_HELP = ("WARC/WET web crawls -> clean text shards, FineWeb-style (URL filter, HTML->text, language ID, "
@@ -63,9 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_ in STAGES.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_,
+                           aliases=[a for a, n in ALIASES.items() if n == name])
         p.add_argument("--preset", choices=list(C.PRESETS), help="named bundle of settings, e.g. tiny")
         p.add_argument("--config", help="TOML file with settings (flags override it)")
+        if name in POSITIONAL:
+            field_name, pos_help = POSITIONAL[name]
+            p.add_argument(f"{field_name}_arg", nargs="?", metavar=field_name.upper(), help=pos_help)
         add_config_args(p, C.STAGE_CONFIGS[name])
 
     data = sub.add_parser("data", help="web data: process WARC crawls into text shards, inspect a run, "
@@ -125,12 +140,15 @@ def parse_stage_config(name: str, args: argparse.Namespace):
                 overrides[f.name] = getattr(args, f.name)
         elif f.name in vars(args):
             overrides[f.name] = C.parse_value(types_[f.name], getattr(args, f.name), f.name)
+        elif getattr(args, f"{f.name}_arg", None) and POSITIONAL.get(name, ("",))[0] == f.name:
+            overrides[f.name] = getattr(args, f"{f.name}_arg")
     return C.resolve_config(cls, stage=name, preset=args.preset, config_file=args.config,
                             overrides=overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command = ALIASES.get(args.command, args.command)
     try:
         if args.command == "data":
             from chatforge import datasets

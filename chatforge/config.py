@@ -246,6 +246,36 @@ class FactsConfig(CommonConfig):
 
 
 @dataclass
+class EvalConfig(CommonConfig):
+    """`chatforge eval [SOURCE]` (alias of `evaluate`): score checkpoints on the base-model suite (bits per byte, the in-context
+    multiple-choice suite and CORE) and, for chat checkpoints, the chat tasks and probes; writes
+    runs/<run>/eval/<label>/eval.json per checkpoint (label: base, sft, rl, rlhf)."""
+
+    source: str = option("", "what to evaluate: a stage of this run (pretrain, sft, rl, rlhf), a checkpoint folder, "
+                             "or '' for every stage checkpoint the run has")
+    tasks: list[str] = option([], "tasks or groups (base, core, chat, probes, all); empty = all the checkpoint "
+                                  "can run. `chatforge eval --tasks list` prints them")
+    limit: int = option(0, "examples per task: a seeded random subset (0 = all)")
+    batch_size: int = option(32, "sequences per forward pass: multiple-choice rows, prompts generated together, "
+                                 "bits-per-byte windows")
+    max_tokens: int = option(512, "longest generated reply in the chat tasks (multiple choice: 32)")
+    bpb_tokens: int = option(1_048_576, "held-out tokens scored for bits per byte")
+    bpb_text: list[str] = option([], "held-out text files for bits per byte when the run has no pretrain token "
+                                     "shards (relative paths are looked up in the data dir)")
+    probe_n: int = option(100, "problems per weak-spot probe when --limit is 0")
+    python_timeout: float = option(5.0, "seconds per HumanEval program and per python tool call")
+    dtype: str = option("auto", "auto | float32 | bfloat16; auto = bf16 autocast on CUDA, float32 elsewhere")
+
+
+@dataclass
+class ReportConfig(CommonConfig):
+    """`chatforge report [RUN]`: runs/<run>/report/report.md + report.html + PNG plots from the run's
+    artifacts: header, data funnel, tokenizer compression, training curves, metrics by stage, probes."""
+
+    show: bool = option(True, "print report.md to the terminal")
+
+
+@dataclass
 class SpeedrunConfig(CommonConfig):
     preset: str = option("tiny", "preset every stage starts from")
     config: str = option("", "TOML file with a [<stage>] section per stage (flags here still win)")
@@ -256,7 +286,8 @@ class SpeedrunConfig(CommonConfig):
 # Presets: named bundles of settings, per stage. A preset only sets fields; flags still override.
 
 STAGE_CONFIGS: dict[str, type] = {"data": DataConfig, "facts": FactsConfig, "tokenizer": TokenizerConfig,
-                                  "pretrain": PretrainConfig, "index": IndexConfig, "speedrun": SpeedrunConfig}
+                                  "pretrain": PretrainConfig, "index": IndexConfig, "evaluate": EvalConfig,
+                                  "report": ReportConfig, "speedrun": SpeedrunConfig}
 # What `chatforge speedrun` runs, in order; each name is a module chatforge.stages.<name> with run(cfg).
 PIPELINE: list[str] = ["data", "facts", "tokenizer", "pretrain", "index"]  # index: the search tool's, over the data shards
 
@@ -299,6 +330,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
         # The search tool's index: the clean web pages plus encyclopedic text (~0.5 s).
         "index": {"inputs": ["stage:data", "text/wiki_demo.txt"]},
+        # A seeded 100-question subset per task: the base suite took 1 min 46 s of CPU (1 thread) on the tiny model.
+        "evaluate": {"limit": 100, "bpb_tokens": 131072, "max_tokens": 256, "probe_n": 50},
     },
     # One GPU, a few hours; the tokenizer matches nanochat's size class.
     "gpu": {
@@ -327,6 +360,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                      "eval_every": 250, "sample_every": 2000, "checkpoint_every": 1000},
     },
 }
+
+
+# The machine each GPU preset is sized for: the report card's cost estimates use it.
+PRESET_HARDWARE: dict[str, tuple[str, int]] = {"gpu": ("H100", 1), "8xh100": ("H100", 8)}
 
 
 # ----------------------------------------------------------------------------------------------

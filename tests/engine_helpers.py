@@ -87,3 +87,40 @@ class ScriptedModel(torch.nn.Module):
         logits = torch.full((B, T, self.config.vocab_size), -1e9)
         logits[:, -1, self.script[min(self.k, len(self.script) - 1)]] = 0.0
         return logits
+
+
+class BiasedModel(torch.nn.Module):
+    """A real model (KV cache, batching, padding all real) whose logits get `bias` (V,) added: a
+    large bias on some tokens makes them the model's favourites whatever the context."""
+
+    def __init__(self, model: GPT, bias: torch.Tensor):
+        super().__init__()
+        self.model, self.config, self.bias = model, model.config, bias
+
+    def forward(self, idx, kv_cache=None, last_only=False):
+        return self.model(idx, kv_cache=kv_cache, last_only=last_only) + self.bias
+
+
+def greedy_reference(model, prompt: list[int], max_tokens: int, stop=(), tool=None, max_seq_len=None):
+    """Greedy reply by full recomputation (GPT.forward over the whole sequence every step: no KV
+    cache, no padding, no batch), the reference the engine is checked against. tool: None, or
+    (start id, end id, out_start id, out_end id, output token ids): after the model writes the end
+    token of an open call, the output block is appended token by token, as the engine does."""
+    ids, out, forced, in_call = list(prompt), [], [], False
+    limit = max_seq_len or model.config.max_seq_len
+    with torch.no_grad():
+        while len(out) < max_tokens and len(ids) < limit:
+            if forced:
+                t = forced.pop(0)
+            else:
+                t = int(model(torch.tensor([ids]))[0, -1].argmax())
+                if t in stop:
+                    out.append(t)
+                    break
+                if tool is not None and t == tool[0] and not in_call:
+                    in_call = True
+                elif tool is not None and t == tool[1] and in_call:
+                    forced, in_call = [tool[2], *tool[4], tool[3]], False
+            out.append(t)
+            ids.append(t)
+    return out

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from chatforge.common import ChatforgeError
-from chatforge.engine import Engine, StreamDecoder
+from chatforge.engine import Engine, SamplingParams, StreamDecoder
 from chatforge.tools import Tool, ToolError
-from engine_helpers import ScriptedModel, make_checkpoint, random_model, train_tokenizer
+from engine_helpers import (BiasedModel, ScriptedModel, greedy_reference, make_checkpoint, random_model,
+                            train_tokenizer)
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread is as fast, and a busy machine does not stall it
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 7], [300, 2], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23], [400, 401, 402]]
 
@@ -70,6 +71,11 @@ def test_sampling_options(model):
     greedy = eng.generate(PROMPTS[:1], max_tokens=12, temperature=0)[0].tokens
     assert eng.generate(PROMPTS[:1], max_tokens=12, temperature=1.5, top_k=1, seed=1)[0].tokens == greedy
     assert eng.generate(PROMPTS[:1], max_tokens=12, temperature=1.0, top_p=1e-6, seed=2)[0].tokens == greedy
+    # top_k=3 at a high temperature: the first token is always one of the model's 3 most likely
+    with torch.no_grad():
+        top3 = model(torch.tensor(PROMPTS[:1]))[0, -1].topk(3).indices.tolist()
+    firsts = {c.tokens[0] for c in eng.generate(PROMPTS[:1], n=20, max_tokens=1, temperature=5.0, top_k=3, seed=0)}
+    assert firsts <= set(top3) and len(firsts) > 1
 
 
 def test_stops_streaming_and_finish_reasons(model):
@@ -270,54 +276,240 @@ def test_stream_decoder_multibyte_split_across_tokens_is_incremental(tok):
     assert d.push(ids[emoji]) + d.push(ids[emoji + 1]) == "" and d.flush() == tok.decode(ids[emoji:emoji + 2])
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=4, tie_embeddings=True), dict(n_kv_head=1, head_dim=32)],
-                         ids=["gqa", "mha-tied", "mqa-wide-heads"])
-def test_fast_cpu_forward_matches_model(kw):
-    """The engine's CPU fast path computes GPT.forward's math: prefill (ragged) and decode logits agree."""
-    from chatforge.model import KVCache
-
-    model = random_model(512, seed=3, **kw)
-    eng = Engine(model)
-    c = model.config
-    prompts = torch.randint(0, 512, (3, 9))
-    pad = torch.tensor([0, 4, 7])
-    for fast in (True, False):
-        cache = KVCache(3, c.n_layer, c.n_kv_head, c.head_dim, 12, pad=pad)
-        fwd = eng._fast_forward if fast else (lambda i, ca, last_only=False: model(i, kv_cache=ca))
-        with torch.no_grad():
-            logits = [fwd(prompts, cache)] + [fwd(prompts[:, i:i + 1], cache) for i in range(3)]
-        if fast:
-            ref = logits
-    for a, b in zip(ref, logits):
-        torch.testing.assert_close(a[:, -1], b[:, -1], rtol=1e-4, atol=1e-4)
-    # packed weights follow in-place weight updates (an RL step between two generate calls)
-    eng.generate([[1, 2, 3]], max_tokens=5, temperature=0)
+def test_weights_follow_in_place_updates(model):
+    """The engine keeps the model's inference weights (a copy) between calls; an in-place update (an RL
+    step between two generate calls) must reach the next call."""
+    m = random_model(512, seed=3)
+    eng = Engine(m)
+    before = eng.generate([[1, 2, 3]], max_tokens=5, temperature=0)[0].tokens
+    assert before == greedy_reference(m, [1, 2, 3], 5)
+    torch.manual_seed(1)
     with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(-1.0) if p.ndim == 2 else None
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p)) if p.ndim == 2 else None
     after = eng.generate([[1, 2, 3]], max_tokens=5, temperature=0)[0].tokens
-    assert after == greedy_no_cache(model, [1, 2, 3], 5)
+    assert after == greedy_reference(m, [1, 2, 3], 5) and after != before
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=4, tie_embeddings=True), dict(n_kv_head=1, head_dim=32)],
-                         ids=["gqa", "mha-tied", "mqa-wide-heads"])
-def test_decode_step_matches_model(kw):
-    """The one-token decode step (unpadded batches, what engine.forward dispatches to) computes
-    GPT.forward's logits at every step."""
-    from chatforge.model import KVCache
+def test_kv_bytes_match_the_cache_under_bf16_autocast(model):
+    """kv_bytes_per_token is what the cache really holds per token per row: float32 by default on
+    CPU, bf16 under autocast (keys and values both: before the RMSNorm fix the keys were float32)."""
+    for dtype, size in ((None, 4), (torch.bfloat16, 2)):
+        eng = Engine(model, dtype=dtype)
+        batch = eng.batch()
+        batch.add(PROMPTS[0], max_tokens=6, temperature=0)
+        batch.add(PROMPTS[1], max_tokens=6, temperature=0)
+        batch.step()
+        k, v = batch.cache.k, batch.cache.v
+        assert k.dtype == v.dtype == (dtype or torch.float32)
+        assert eng.kv_bytes_per_token() == 2 * 2 * 2 * 16 * size
+        assert k.nbytes + v.nbytes == eng.kv_bytes_per_token() * 2 * batch.cache.max_len
+        while batch:
+            batch.step()
 
-    model = random_model(512, seed=4, **kw)
+
+# ----------------------------------------------------------------------------------------------
+# Continuous batching: requests admitted into a running batch, cancelled, queued
+
+
+def drive(batch, schedule: dict, steps: int = 1000) -> list:
+    """Step the batch; at step i first run schedule[i]() (adds, cancels). Returns, per step, the
+    running rows and the cache's filled slots after it."""
+    trace = []
+    for i in range(steps):
+        if i in schedule:
+            schedule[i]()
+        if not batch and max(schedule) <= i:
+            break
+        batch.step()
+        trace.append((len(batch), batch.cache.pos if batch.cache is not None else None))
+    return trace
+
+
+def test_requests_admitted_mid_flight_match_alone(model):
+    """Greedy requests admitted into a running batch (shorter and longer prompts than the batch's
+    filled slots, n=2) produce exactly their tokens alone, by full recomputation. One long reply
+    outlives a long prompt's request, so the cache's common padding is trimmed to stay in context."""
     eng = Engine(model)
-    c = model.config
-    for B in (2, 5):  # from 4 rows on, the head runs in the other weight layout
-        seq = torch.randint(0, 512, (B, 12))
-        ours = KVCache(B, c.n_layer, c.n_kv_head, c.head_dim, 12)
-        ref = KVCache(B, c.n_layer, c.n_kv_head, c.head_dim, 12)
-        with torch.no_grad():
-            eng.forward(seq[:, :6], ours)
-            model(seq[:, :6], kv_cache=ref)
-            for t in range(6, 12):
-                a = eng.forward(seq[:, t:t + 1], ours)  # (B, 1, V) through _decode_step
-                b = model(seq[:, t:t + 1], kv_cache=ref)
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-        assert ours.pos == ref.pos == 12
+    batch = eng.batch()
+    g = torch.Generator().manual_seed(9)
+    long_prompt = torch.randint(0, 512, (100,), generator=g).tolist()
+    reqs = {}
+    schedule = {
+        0: lambda: reqs.update(a=batch.add(PROMPTS[1], max_tokens=120, temperature=0)),  # 2 + 120 < 128
+        3: lambda: reqs.update(b=batch.add(PROMPTS[2], max_tokens=9, temperature=0)),  # 13 tokens > 5 slots
+        5: lambda: reqs.update(c=batch.add(PROMPTS[3], max_tokens=7, n=2, temperature=0)),  # shorter
+        10: lambda: reqs.update(d=batch.add(long_prompt, max_tokens=50, temperature=0)),  # context: 28 left
+    }
+    sizes, trims = zip(*drive(batch, schedule))
+    prompts = {"a": PROMPTS[1], "b": PROMPTS[2], "c": PROMPTS[3], "d": long_prompt}
+    for name, r in reqs.items():
+        ref = greedy_reference(model, prompts[name], r.params.max_tokens)
+        for c in r.completions:
+            assert c.tokens == ref, name
+        assert r.status == "finished"
+    assert len(reqs["d"].completions[0].tokens) == 28 and reqs["d"].completions[0].finish_reason == "length"
+    assert max(sizes) == 5 and sizes[-1] == 0
+    assert any(p is not None and q is not None and q < p for p, q in zip(trims, trims[1:]))  # trim_left ran
+    assert max(p for p in trims if p is not None) <= model.config.max_seq_len
+
+
+def test_cancel_frees_rows_and_queue_waits_for_room(model):
+    eng = Engine(model)
+    batch = eng.batch(max_batch_size=3)
+    a = batch.add(PROMPTS[0], max_tokens=20, temperature=0)
+    b = batch.add(PROMPTS[1], max_tokens=20, temperature=0, n=2)
+    c = batch.add(PROMPTS[2], max_tokens=6, temperature=0)  # waits: 3 rows are taken
+    batch.step()
+    assert len(batch) == 3 and batch.cache.batch_size == 3 and c.status == "waiting"
+    batch.step()
+    batch.cancel(b)  # its 2 rows leave the batch and the cache now
+    assert len(batch) == 1 and batch.cache.batch_size == 1 and b.status == "cancelled"
+    assert [x.finish_reason for x in b.completions] == ["cancelled"] * 2 and len(b.completions[0].tokens) == 2
+    events = batch.step()  # c is admitted
+    assert {(e.request.id, e.index) for e in events} == {(a.id, 0), (c.id, 0)} and len(batch) == 2
+    waiting = batch.add(PROMPTS[3], max_tokens=5)
+    batch.cancel(waiting)
+    batch.cancel(waiting)  # no-op once done
+    while batch:
+        batch.step()
+    assert a.completions[0].tokens == greedy_reference(model, PROMPTS[0], 20)
+    assert c.completions[0].tokens == greedy_reference(model, PROMPTS[2], 6)
+    assert waiting.completions[0].tokens == [] and waiting.status == "cancelled"
+    with pytest.raises(ChatforgeError, match="more than the batch holds"):
+        batch.add(PROMPTS[0], n=4)
+    with pytest.raises(ChatforgeError, match="outside the model's vocabulary"):
+        batch.add([1, 512])
+    with pytest.raises(ChatforgeError, match="top_p"):
+        batch.add([1, 2], top_p=0)
+
+
+def test_per_request_sampling_params(model):
+    """Each request keeps its own settings in a shared batch: a seeded request samples the same
+    tokens alone and next to others (its own random stream), greedy rows stay greedy, stops apply
+    per request."""
+    eng = Engine(model)
+    p = SamplingParams(max_tokens=12, temperature=1.0, top_k=40, seed=123)
+    alone = eng.batch()
+    r = alone.add(PROMPTS[0], p)
+    while alone:
+        alone.step()
+    batch = eng.batch()
+    others = [batch.add(PROMPTS[1], max_tokens=12, temperature=1.3, seed=5),
+              batch.add(PROMPTS[2], max_tokens=12, temperature=0)]
+    batch.step()
+    r2 = batch.add(PROMPTS[0], p)
+    ref = greedy_reference(model, PROMPTS[2], 12)
+    stopper = batch.add(PROMPTS[2], max_tokens=12, temperature=0, stop_tokens=[ref[3]])
+    while batch:
+        batch.step()
+    assert r2.completions[0].tokens == r.completions[0].tokens
+    assert r.completions[0].tokens != greedy_reference(model, PROMPTS[0], 12)  # it did sample
+    assert others[1].completions[0].tokens == ref
+    cut = ref.index(ref[3]) + 1
+    assert stopper.completions[0].tokens == ref[:cut] and stopper.completions[0].finish_reason == "stop"
+
+
+# ----------------------------------------------------------------------------------------------
+# A batch with tool use on the real model
+
+
+def test_batched_tool_use_on_the_real_model(tok):
+    """One batch, a real (random-weight) model: row 0 calls the python tool and is fed its output
+    while the other rows keep sampling, a row finishes and is compacted out during that output,
+    and every row gets exactly the tokens of running it alone (full recomputation, the tool output
+    inserted by the reference). The model is steered to make the call by giving <|python_start|>
+    and <|python_end|> head rows just above those of tokens it would write at that point."""
+    sp = tok.special
+    PS, PE, OS, OE = (sp(s) for s in ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"))
+    model = random_model(tok.vocab_size, seed=0)
+    g = torch.Generator().manual_seed(0)
+    prompts = [[tok.bos_id] + torch.randint(0, 256, (L,), generator=g).tolist() for L in (5, 9, 3, 12)]
+    plain = Engine(model, tok, tools={})
+    first = plain.generate(prompts[:1], max_tokens=30, temperature=0, stop_tokens=[])[0].tokens
+    with torch.no_grad():
+        model.lm_head.weight[PS] = model.lm_head.weight[first[1]] * 1.5  # python_start where it wrote first[1]
+        steered = plain.generate(prompts[:1], max_tokens=30, temperature=0, stop_tokens=[])[0].tokens
+        model.lm_head.weight[PE] = model.lm_head.weight[steered[steered.index(PS) + 3]] * 1.5
+    tools = {"python": Tool("python", "py", lambda code: "forty two")}
+    out_ids = tok.encode("forty two")
+    refs = [greedy_reference(model, p, 30, tool=(PS, PE, OS, OE, out_ids)) for p in prompts]
+    s = refs[0].index(OS)
+    assert refs[0][s:s + len(out_ids) + 2] == [OS, *out_ids, OE]
+    # row 2 stops on a token it writes while row 0 is inside its tool output (and not earlier)
+    stop = next(t for t in refs[2][s:s + len(out_ids) + 2] if t not in refs[2][:s] and t not in refs[0]
+                and all(t not in r for r in (refs[1], refs[3])))
+    refs[2] = refs[2][:refs[2].index(stop) + 1]
+    eng = Engine(model, tok, tools=tools)
+    batch = eng.batch()
+    reqs = [batch.add(p, max_tokens=30, temperature=0, stop_tokens=[stop]) for p in prompts]
+    trace = []
+    while batch:
+        trace.append((len(batch), batch.step()))
+    for r, ref in zip(reqs, refs):
+        assert r.completions[0].tokens == ref
+    assert [len(r.completions[0].tool_calls) for r in reqs] == [1, 0, 0, 0]
+    assert reqs[0].completions[0].tool_calls[0].output == "forty two"
+    # the scenario happened: while row 0 was fed forced tokens, other rows sampled and row 2 finished
+    forced_steps = [i for i, (_, evs) in enumerate(trace) if any(e.request is reqs[0] and not e.sampled for e in evs)]
+    assert len(forced_steps) == len(out_ids) + 2
+    for i in forced_steps:
+        assert sum(e.sampled for e in trace[i][1]) >= 2
+    fin = next(i for i, (_, evs) in enumerate(trace) if any(e.request is reqs[2] and e.finish_reason for e in evs))
+    assert fin in forced_steps and trace[fin + 1][0] == 3  # compacted out: the next step runs 3 rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Control tokens in an assistant turn
+
+
+def test_control_tokens_are_masked_in_chat_replies(tok):
+    """A model that prefers every control token (a bias of +100 and more on them) still writes only text,
+    <|assistant_end|> and, with tools on, well-formed calls in a chat reply; raw prompts keep them."""
+    sp = tok.special_tokens
+    base = random_model(tok.vocab_size, seed=1)
+    forbidden = ["<|bos|>", "<|system_start|>", "<|system_end|>", "<|user_start|>", "<|user_end|>",
+                 "<|assistant_start|>", "<|output_start|>", "<|output_end|>"]
+    tool_tokens = ["<|python_start|>", "<|python_end|>", "<|search_start|>", "<|search_end|>"]
+    bias = torch.zeros(tok.vocab_size)
+    for i, name in enumerate(forbidden + tool_tokens):
+        bias[sp[name]] = 100.0 + 50.0 * i  # the later in the list, the more preferred
+    model = BiasedModel(base, bias)
+    chat = tok.render_prompt([{"role": "user", "content": "hi"}])
+    raw = tok.encode("the cat sat", bos=True)
+    text_only = set(range(tok.vocab_size)) - {sp[s] for s in forbidden + tool_tokens}
+
+    off = Engine(model, tok, tools={})
+    [c] = off.generate([chat], max_tokens=12, temperature=0)
+    assert c.finish_reason == "length" and set(c.tokens) <= text_only
+    samples = off.generate([chat], n=4, max_tokens=12, temperature=1.0, seed=0)
+    assert all(set(c.tokens) <= text_only for c in samples)
+    [r] = off.generate([raw], max_tokens=3, temperature=0, stop_tokens=[])  # raw text: nothing masked
+    assert r.tokens[0] == sp["<|search_end|>"]
+    [r] = off.generate([raw], max_tokens=6, temperature=0, stop_tokens=[], mask_control=True)
+    assert set(r.tokens) <= text_only
+    [c] = off.generate([chat], max_tokens=3, temperature=0, mask_control=False)
+    assert c.tokens[0] == sp["<|search_end|>"]
+
+    # tools on: outside a call no end token; inside a call only its own end token; never output tokens
+    calls = []
+    tools = {"python": Tool("python", "py", lambda a: calls.append(a) or "1"),
+             "search": Tool("search", "s", lambda a: calls.append(a) or "2")}
+    on = Engine(model, tok, tools=tools)
+    [c] = on.generate([chat], max_tokens=40, temperature=0, max_tool_calls=9)
+    sampled = [t for t, m in zip(c.tokens, c.mask) if m]
+    assert not {sp[s] for s in forbidden} & set(sampled)
+    assert c.tokens[:2] == [sp["<|search_start|>"], sp["<|search_end|>"]]  # its favourite pair, well formed
+    assert len(c.tool_calls) >= 3 and all(not t.error for t in c.tool_calls)
+    msgs = tok.parse_conversation(chat + c.tokens)
+    assert [m["role"] for m in msgs][:3] == ["user", "assistant", "tool"]
+
+
+def test_chat_prompt_detection(tok):
+    eng = Engine(random_model(tok.vocab_size), tok)
+    user = [{"role": "user", "content": "hi"}]
+    call = {"role": "assistant", "content": "", "tool_calls": [{"name": "python", "arguments": "1"}]}
+    assert eng.is_chat_prompt(tok.render_prompt(user))
+    assert eng.is_chat_prompt(tok.render_prompt(user + [call, {"role": "tool", "content": "1"}]))  # mid-turn
+    assert not eng.is_chat_prompt(tok.encode("plain text", bos=True))
+    assert not eng.is_chat_prompt(tok.render_conversation(user + [{"role": "assistant", "content": "x"}])[0])

@@ -20,7 +20,7 @@ from chatforge.export import NAME_TABLE, export_hf, from_hf_name, to_hf_name
 from chatforge.model import GPT, KVCache, ModelConfig
 from engine_helpers import randomize  # tests/engine_helpers.py
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread is as fast, and a busy machine does not stall it
 
 
 def tiny(**kw) -> ModelConfig:
@@ -43,7 +43,10 @@ def greedy_no_cache(model, idx, n):
 
 
 def greedy_cached(model, idx, n):
-    return torch.stack(list(model.generate(idx, n, temperature=0)), dim=1)  # (B, n)
+    """Greedy tokens (B, n) from the engine (KV cache; on CPU the inference weights)."""
+    from chatforge.engine import Engine
+
+    return torch.tensor([c.tokens for c in Engine(model).generate(idx.tolist(), max_tokens=n, temperature=0)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,22 +193,88 @@ def test_kv_cache_chunked_prefill():
         model(idx[:, :1], kv_cache=cache)
 
 
-def test_generate_stops_at_context_and_sampling_options():
-    cfg = tiny(max_seq_len=16)
-    model = random_model(cfg, seed=5)
-    prompt = [1, 2, 3, 4]
-    assert len(list(model.generate(prompt, 100, temperature=0))) == 12  # capped at max_seq_len
-    greedy = torch.cat(list(model.generate(prompt, 8, temperature=0)))
-    assert torch.equal(torch.cat(list(model.generate(prompt, 8, top_k=1))), greedy)
-    assert torch.equal(torch.cat(list(model.generate(prompt, 8, top_p=1e-6))), greedy)
-    a = torch.cat(list(model.generate(prompt, 12, temperature=1.5, seed=11)))
-    b = torch.cat(list(model.generate(prompt, 12, temperature=1.5, seed=11)))
-    c = torch.cat(list(model.generate(prompt, 12, temperature=1.5, seed=12)))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    top3 = torch.cat(list(model.generate(prompt, 1, temperature=5.0, top_k=3, seed=0)))
+@pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=4, tie_embeddings=True), dict(n_kv_head=1, head_dim=32)],
+                         ids=["gqa", "mha-tied", "mqa-wide-heads"])
+def test_inference_weights_compute_the_model(kw):
+    """The inference layout (transposed, packed copies; the engine's CPU path) gives the logits of
+    the module path and of a full forward without cache: ragged prefill, decode steps (1 and 5 rows:
+    the head switches layout at 4), a chunk after the cache is filled."""
+    model = random_model(tiny(**kw), seed=3)
+    c = model.config
+    w = model.inference_weights()
+    for B in (1, 5):
+        seq = torch.randint(0, c.vocab_size, (B, 16), generator=torch.Generator().manual_seed(B))
+        pad = torch.tensor([0, 4, 7, 1, 3][:B]) if B > 1 else None
+        for weights in (w, None):
+            cache = KVCache(B, c.n_layer, c.n_kv_head, c.head_dim, 16, pad=pad)
+            with torch.no_grad():
+                got = [model(seq[:, :9], kv_cache=cache, weights=weights)]  # (B, 9, V)
+                got += [model(seq[:, t:t + 1], kv_cache=cache, weights=weights) for t in range(9, 12)]
+                got += [model(seq[:, 12:], kv_cache=cache, weights=weights)]  # (B, 4, V)
+            logits = torch.cat(got, dim=1)  # (B, 16, V)
+            for b in range(B):  # reference: row b alone, without its padding, no cache
+                p = 0 if pad is None else int(pad[b])
+                with torch.no_grad():
+                    ref = model(seq[b:b + 1, p:])[0]  # (16-p, V)
+                torch.testing.assert_close(logits[b, p:], ref, rtol=1e-4, atol=1e-4)
+    assert model.inference_weights(w) is w  # unchanged weights: the same copy
     with torch.no_grad():
-        allowed = model(torch.tensor([prompt]))[0, -1].topk(3).indices
-    assert top3.item() in allowed.tolist()
+        model.blocks[0].mlp.c_up.weight.mul_(2.0)  # an in-place update (an optimizer step)
+    w2 = model.inference_weights(w)
+    assert w2 is not w and torch.equal(w2.layers[0].gate_up[:, c.intermediate_size:], model.blocks[0].mlp.c_up.weight.t())
+
+
+def test_autocast_keeps_q_k_and_cache_in_bf16():
+    """Under bf16 autocast a float32 RMSNorm weight must not promote its bf16 input: QK-norm output,
+    the cached keys and the values are all bf16 (before the fix keys were float32, values bf16)."""
+    model = random_model(tiny(), seed=5)
+    c = model.config
+    idx = torch.randint(0, c.vocab_size, (2, 10))
+    cache = KVCache(2, c.n_layer, c.n_kv_head, c.head_dim, 12, pad=torch.tensor([0, 3]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        q = model.blocks[0].attn.q_norm(torch.randn(2, 3, 4, 16, dtype=torch.bfloat16))
+        logits = model(idx, kv_cache=cache)
+        step = model(idx[:, -1:], kv_cache=cache)
+    assert q.dtype == torch.bfloat16
+    assert cache.k.dtype == cache.v.dtype == torch.bfloat16
+    assert logits.dtype == step.dtype == torch.bfloat16
+    with torch.no_grad():
+        ref = model(idx[:1])  # row 0 is unpadded
+    assert (logits[0].float() - ref[0]).abs().max() < 0.1 * ref.abs().max()  # bf16 close to float32
+
+
+def test_kv_cache_merge_and_trim_left():
+    """Continuous batching's cache moves: two sequences prefilled apart (different lengths), merged
+    (the shorter one shifted right), decoded together, their common padding trimmed, decoded on:
+    every logit equals a full forward of that sequence alone."""
+    model = random_model(tiny(), seed=6)
+    c = model.config
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randint(0, c.vocab_size, (1, 20), generator=g), torch.randint(0, c.vocab_size, (2, 14), generator=g)
+    ca = KVCache(1, c.n_layer, c.n_kv_head, c.head_dim, 8)
+    cb = KVCache(2, c.n_layer, c.n_kv_head, c.head_dim, 12, pad=torch.tensor([0, 5]))  # row 1: 7 tokens
+    b[1, :5] = 0
+    with torch.no_grad():
+        model(a[:, :8], kv_cache=ca)
+        model(b[:, :12], kv_cache=cb)
+        ca.merge(cb, 20)  # a has 8 slots, b 12: a moves right by 4
+        assert (ca.pos, ca.batch_size, ca.pad.tolist()) == (12, 3, [4, 0, 5])
+        seqs = torch.cat([a[:, 8:10], b[:, 12:14]])  # (3, 2): each row's next two tokens
+        out = [model(seqs[:, t:t + 1], kv_cache=ca)[:, 0] for t in range(2)]
+        ca.reorder(torch.tensor([0, 2]))  # row 1 finishes; pads [4, 5]
+        ca.trim_left(4)
+        assert (ca.pos, ca.pad.tolist()) == (10, [0, 1])
+        ca.trim_left(0)
+        with pytest.raises(ValueError, match="fewer than 2 padding"):
+            ca.trim_left(2)
+        x = torch.tensor([7])  # row b1's next token
+        out.append(model(torch.stack([a[0, 10:11], x]), kv_cache=ca)[:, 0])
+        ref_a = model(a[:, :11])[0]  # (11, V): a alone, no cache
+        ref_b0 = model(b[:1])[0]  # (14, V)
+        ref_b1 = model(torch.cat([b[1:, 5:], x[None]], 1))[0]  # (10, V): b1's 9 real tokens + x
+    torch.testing.assert_close(torch.stack([o[0] for o in out]), ref_a[8:11], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.stack([o[1] for o in out[:2]]), ref_b0[12:14], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.stack([out[0][2], out[1][2], out[2][1]]), ref_b1[7:10], rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,175 @@
+"""The report card (chatforge/report.py, `chatforge report RUN`): every section from a run's artifacts,
+"not run yet" for stages without them, GPU cost estimates, plots as real PNG files, Markdown that
+lines up in a terminal and a self-contained HTML page, and bad eval files / runs as clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from chatforge import evaluate as E
+from chatforge.cli import main
+from chatforge.common import ChatforgeError, write_json
+from chatforge.report import GpuSetup, render_html, render_markdown, Table, Para, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _eval(label: str, stage: str, tasks: dict, complete: bool = True, limit: int = 0) -> dict:
+    return {"format": E.EVAL_FORMAT, "checkpoint": f"runs/r/{stage}/checkpoint", "label": label,
+            "id": {"step": 1, "stage": stage}, "chat": stage != "pretrain", "settings": {"limit": limit},
+            "tasks": tasks, "core": E.core_summary(tasks), "complete": complete}
+
+
+def ok(**kw) -> dict:
+    return {"status": "ok", **kw}
+
+
+@pytest.fixture
+def run(tmp_path) -> Path:
+    """A run with data, tokenizer and pretrain artifacts (the formats those stages write), an
+    evaluated base and SFT checkpoint, and nothing for RL / RLHF."""
+    root = tmp_path / "runs" / "r"
+    meta = {"git_revision": "abc123", "versions": {"torch": "2.13.0"}, "host": "box", "started": "2026-01-01T00:00:00"}
+    for stage in ("data", "tokenizer", "pretrain", "sft"):
+        write_json(root / stage / "meta.json", {**meta, "stage": stage})
+    write_json(root / "data" / "stats.json", {
+        "files": 2, "docs_in": 100, "docs_out": 40, "pii": {"emails": 3},
+        "steps": {"read": {"in": 100, "out": 90, "dropped": {"non_html": 10}},
+                  "lang": {"in": 90, "out": 40, "dropped": {"other_language": 45, "low_score": 5}}}})
+    write_json(root / "data" / "DONE", {"stage": "data", "seconds": 12.0, "docs_in": 100, "docs_out": 40})
+    write_json(root / "tokenizer" / "report.json", {"vocab_size": 4096, "held_out": {
+        "web": {"file": "text/c4_demo.jsonl", "bytes": 2000, "chatforge": {"tokens": 600, "bytes_per_token": 3.333},
+                "gpt2": {"tokens": 500, "bytes_per_token": 4.0}}}})
+    write_json(root / "tokenizer" / "DONE", {"stage": "tokenizer", "seconds": 1.5, "chars": 1000, "vocab_size": 4096})
+    lines = [{"event": "baseline", "unigram_bpb": 3.05}]
+    lines += [{"step": s, "loss": 8.0 - s / 10, "smooth_loss": 8.1 - s / 10} for s in range(1, 21)]
+    lines += [{"event": "eval", "step": s, "val_bpb": 2.5 - s / 100} for s in (10, 20)]
+    (root / "pretrain").mkdir(parents=True, exist_ok=True)
+    (root / "pretrain" / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n{\"step\": 21, \"lo")
+    # 1.8e18 FLOPs: one hour on one GPU of 1e15 FLOP/s at 50% MFU.
+    write_json(root / "pretrain" / "DONE", {"stage": "pretrain", "seconds": 400.0, "tokens": 1_800_000_000,
+                                            "flops_per_token": 1e9, "step": 20, "device": "cpu"})
+    (root / "sft" / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 2.0 / s}) for s in range(1, 6)))
+    (root / "pretrain" / "checkpoint").mkdir()
+    (root / "pretrain" / "checkpoint" / "config.json").write_text("{}")
+    base_tasks = {"bpb": ok(bpb=1.6927, unigram_bpb=3.0535), "arc_easy": ok(accuracy=0.3, centered=0.0667),
+                  "hellaswag": {"status": "missing", "reason": "eval/hellaswag/x not found"}}
+    sft_tasks = {"bpb": ok(bpb=1.75), "arc_easy": ok(accuracy=0.31, centered=0.08), "gsm8k": ok(accuracy=0.125),
+                 "probe_spelling": ok(accuracy=0.2), "probe_spelling_tools": ok(accuracy=0.6),
+                 "probe_identity": {"status": "not_implemented"}, "probe_reversal": {"status": "unavailable"}}
+    write_json(root / "eval" / "base" / "eval.json", _eval("base", "pretrain", base_tasks, limit=100))
+    write_json(root / "eval" / "sft" / "eval.json", _eval("sft", "sft", sft_tasks))
+    return root
+
+
+def setups():
+    return [GpuSetup("1 x G", 1, 1e15, 2.0), GpuSetup("8 x G", 8, 1e15, 2.0)]
+
+
+def table_rows(md: str, first_cell: str) -> list[str]:
+    return [c.strip() for c in next(ln for ln in md.splitlines() if ln.startswith(f"| {first_cell} ")).split("|")[1:-1]]
+
+
+def test_report_sections(run):
+    paths = write_report(run, gpu_setups=setups(), mfu=0.5)
+    md = paths["md"].read_text()
+    # header: revision, per-stage rows, "not run yet", the cost estimate (1 h on 1 GPU = $2, 7.5 min on 8)
+    assert "`abc123`" in md and "torch 2.13.0" in md
+    assert table_rows(md, "pretrain")[:4] == ["pretrain", "done", "6.7 min", "1,800,000,000 tokens, 20 steps"]
+    assert table_rows(md, "pretrain")[4:] == ["1.00 h, $2.00", "7.5 min, $2.00"]
+    assert table_rows(md, "rl")[1] == "not run yet" and table_rows(md, "sft")[1] == "incomplete"
+    # data funnel and tokenizer
+    assert table_rows(md, "lang") == ["lang", "90", "40", "50", "other_language 45, low_score 5"]
+    assert "100 documents in, 40 kept (40.0%)" in md and "emails 3" in md
+    assert table_rows(md, "web") == ["web", "text/c4_demo.jsonl", "2,000", "3.33", "4.00"]
+    # curves: pretrain and SFT plotted (a cut-off last metrics line is skipped), RL / RLHF not run
+    assert paths["pretrain"].read_bytes()[:8] == PNG_MAGIC and paths["sft"].read_bytes()[:8] == PNG_MAGIC
+    assert "![Pretraining curves](pretrain.png)" in md and "**RL**: not run yet." in md and "rl" not in paths
+    # metrics by stage
+    assert table_rows(md, "metric") == ["metric", "BASE", "SFT", "RL", "RLHF"]
+    assert table_rows(md, "val bits/byte") == ["val bits/byte", "1.6927", "1.7500", "-", "-"]
+    assert table_rows(md, "CORE (centred, mean)")[1:3] == ["0.0667 (1/9)", "0.0800 (1/9)"]
+    assert table_rows(md, "HellaSwag (acc)")[1] == "missing"
+    assert table_rows(md, "GSM8K")[1:3] == ["-", "0.125"]
+    assert "BASE: 100 examples per task" in md and "RL: not run yet." in md
+    assert "hellaswag: eval/hellaswag/x not found" in md
+    # probes: without / with tools; unavailable generators and next-phase hooks say so
+    assert table_rows(md, "spelling")[1:3] == ["-", "0.200 / 0.600"]
+    assert table_rows(md, "reversal")[2] == "n/a / -" and table_rows(md, "identity")[1:3] == ["-", "todo"]
+
+
+def test_markdown_lines_up_and_html_is_self_contained(run):
+    paths = write_report(run, gpu_setups=setups())
+    md = paths["md"].read_text()
+    table = []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            table.append(line)
+        elif table:
+            assert len({len(t) for t in table}) == 1, table  # every row of a table has the same width
+            table = []
+    page = paths["html"].read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<table>") == md.count("\n|:")
+    assert '<img src="pretrain.png"' in page and "http://" not in page and "https://" not in page
+    assert "<script" not in page
+    blocks = [Para("a <b> & `code`"), Table(["x", "y"], [["<i>", "1"]])]
+    assert "a &lt;b&gt; &amp; <code>code</code>" in render_html(blocks, "t")
+    assert "<td class=\"l\">&lt;i&gt;</td>" in render_html(blocks, "t")
+    assert render_markdown(blocks).splitlines()[2:5] == ["| x   |   y |", "|:----|----:|", "| <i> |   1 |"]
+
+
+def test_partial_and_broken_eval_files(run):
+    write_json(run / "eval" / "sft" / "eval.json", _eval("sft", "sft", {"bpb": ok(bpb=1.8)}, complete=False))
+    md = write_report(run)["md"].read_text()
+    assert table_rows(md, "metric")[2] == "SFT (partial)" and "SFT: partial eval file (interrupted)" in md
+    (run / "eval" / "sft" / "eval.json").write_text('{"format": 1, "tasks": {"bpb": {"st')
+    with pytest.raises(ChatforgeError, match=r"eval/sft/eval.json is not valid JSON.*rerun `chatforge eval`"):
+        write_report(run)
+
+
+def test_checkpoint_not_evaluated_and_missing_runs(tmp_path, run):
+    import shutil
+
+    shutil.rmtree(run / "eval" / "base")
+    md = write_report(run)["md"].read_text()
+    assert "BASE: checkpoint present, not evaluated yet (`chatforge eval --run r pretrain`)" in md
+    assert main(["report", "nope", "--runs_dir", str(run.parent)]) == 2
+    (tmp_path / "runs" / "empty").mkdir()
+    assert main(["report", "empty", "--runs_dir", str(run.parent)]) == 2
+
+
+def test_report_command(run, capsys):
+    assert main(["report", "r", "--runs_dir", str(run.parent)]) == 0
+    out = capsys.readouterr().out
+    assert "## Metrics by stage" in out and "report: wrote" in out
+    assert (run / "report" / "report.html").exists() and (run / "report" / "DONE").exists()
+    capsys.readouterr()
+    assert main(["report", str(run), "--show", "no"]) == 0  # a run folder works too
+    out = capsys.readouterr()
+    assert "## Metrics" not in out.out and "report: wrote" in out.out
+    assert main(["report", "missing-run", "--runs_dir", str(run.parent)]) == 2
+    err = capsys.readouterr().err
+    assert "run 'missing-run' not found" in err and f"runs in {run.parent}: r" in err
+
+
+def test_report_of_a_real_evaluation(tmp_path, shared_data):
+    """eval.json as evaluate_checkpoint writes it goes into the table unchanged."""
+    from chatforge.checkpoint import save_checkpoint
+    from chatforge.tokenizer import Tokenizer
+    from engine_helpers import corpus, random_model
+
+    tok_dir = tmp_path / "tok"
+    Tokenizer.train(corpus(), vocab_size=512).save(tok_dir)
+    root = tmp_path / "runs" / "t"
+    save_checkpoint(root / "pretrain" / "checkpoint", random_model(512, max_seq_len=128), tokenizer_dir=tok_dir,
+                    meta={"stage": "pretrain"})
+    res = E.evaluate_checkpoint(root / "pretrain" / "checkpoint", ["copa", "bpb"], root / "eval" / "base" / "eval.json",
+                                data_dir=str(shared_data), limit=4, bpb_text=["text/c4_demo.jsonl"], bpb_tokens=512,
+                                progress=False, log=lambda s: None)
+    md = write_report(root)["md"].read_text()
+    assert table_rows(md, "COPA (acc)")[1] == f"{res['tasks']['copa']['accuracy']:.3f}"
+    assert table_rows(md, "val bits/byte")[1] == f"{res['tasks']['bpb']['bpb']:.4f}"
+    assert table_rows(md, "CORE (centred, mean)")[1] == f"{res['core']['score']:.4f} (1/9)"
