@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="multi-turn chat with streaming output and tool calls; type /help in the chat")
     ch.add_argument("checkpoint_arg", metavar="CHECKPOINT", help="checkpoint folder, e.g. runs/tiny/sft/checkpoint")
     add_config_args(ch, C.ChatConfig, skip=("checkpoint",))
+    sv = sub.add_parser("serve", help=SERVE_HELP.split(".")[0], description=SERVE_HELP)
+    sv.add_argument("checkpoint_arg", metavar="CHECKPOINT", help="checkpoint folder, e.g. runs/tiny/sft/checkpoint")
+    add_config_args(sv, C.ServeConfig, skip=("checkpoint",))
     ex = sub.add_parser("export", help="export a checkpoint to another format (Hugging Face transformers)")
     ex.add_argument("checkpoint_arg", metavar="CHECKPOINT", help="checkpoint folder")
     ex.add_argument("out", metavar="OUT", help="output folder")
@@ -127,8 +130,11 @@ SAMPLE_HELP = ("complete text with a checkpoint, streamed to the terminal. A bas
                "let it continue the pattern.")
 
 
+SERVE_HELP = ("serve a checkpoint over HTTP: an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
+              "/v1/models) with continuous batching, and a web chat UI at /. Listens on 127.0.0.1:8000 by default.")
+
 # Commands on a checkpoint (positional CHECKPOINT, flags from the config class; no run directory).
-CHECKPOINT_COMMANDS: dict[str, type] = {"sample": C.SampleConfig, "chat": C.ChatConfig}
+CHECKPOINT_COMMANDS: dict[str, type] = {"sample": C.SampleConfig, "chat": C.ChatConfig, "serve": C.ServeConfig}
 
 
 def parse_stage_config(name: str, args: argparse.Namespace):

@@ -12,6 +12,7 @@ fills what the user did not say. Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -109,7 +110,7 @@ class TokenizerConfig(CommonConfig):
 @dataclass
 class PretrainConfig(CommonConfig):
     """Base-model pretraining. Fields left at 0 are derived from --depth by
-    `chatforge.stages.pretrain.derive_settings` (printed before training); any of them can be set."""
+    `chatforge.plan.derive_settings` (printed before training); any of them can be set."""
 
     # data
     corpus: list[str] = option(
@@ -150,6 +151,40 @@ class PretrainConfig(CommonConfig):
     compile: bool = option(False, "torch.compile the training model (CUDA; CPU too when a C++ compiler exists)")
     fsdp: bool = option(False, "shard the model with FSDP2 fully_shard instead of DDP replicas")
     dry_run: bool = option(False, "print the derived settings and time/cost estimates, then exit")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Per-field ranges, checked when the config is built (so a bad flag, preset or TOML value is
+        one ConfigError naming it before anything runs). Settings that depend on each other (the batch
+        dividing across ranks, the model shape) are checked by chatforge.plan.derive_settings."""
+        at_least = {"depth": 1, "max_seq_len": 1, "device_batch_size": 1, "doc_chars": 1, "eval_tokens": 1,
+                    "threads": 0, "n_embd": 0, "n_head": 0, "n_kv_head": 0, "total_batch_size": 0,
+                    "num_iterations": 0, "max_chars": 0, "eval_every": 0, "sample_every": 0,
+                    "checkpoint_every": 0}
+        zero_means = {"threads": "one per core", "n_embd": "derived", "n_head": "derived", "n_kv_head": "derived",
+                      "total_batch_size": "derived", "num_iterations": "derived from the token budget",
+                      "max_chars": "all of it", "eval_every": "only at the end", "sample_every": "only at the end",
+                      "checkpoint_every": "only at the end"}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value < low:
+                hint = f" (0 = {zero_means[name]})" if name in zero_means else ""
+                raise ConfigError(f"--{name} {value}: must be at least {low}{hint}")
+        for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay", "grad_clip",
+                     "target_param_data_ratio"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"--{name} {value}: must be a finite number >= 0")
+        for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:  # also false for nan
+                raise ConfigError(f"--{name} {value}: must be between 0 and 1")
+        if not 0 < self.val_fraction <= 0.5:
+            raise ConfigError(f"--val_fraction {self.val_fraction}: must be in (0, 0.5]")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"--dtype {self.dtype}: choose auto, float32 or bfloat16")
 
 
 @dataclass
@@ -336,6 +371,33 @@ class ReportConfig(CommonConfig):
     artifacts: header, data funnel, tokenizer compression, training curves, metrics by stage, probes."""
 
     show: bool = option(True, "print report.md to the terminal")
+
+
+@dataclass
+class ServeConfig:
+    """`chatforge serve CHECKPOINT`: an OpenAI-compatible HTTP API and a web chat UI (chatforge/serve)."""
+
+    checkpoint: str = option("", "checkpoint folder (e.g. runs/tiny/sft/checkpoint)")
+    host: str = option("127.0.0.1", "address to listen on; the default takes connections from this machine only "
+                                    "(0.0.0.0 exposes the server to the network: set an API key)")
+    port: int = option(8000, "TCP port")
+    api_key: str = option("", "require 'Authorization: Bearer KEY' on /v1 (default: $CHATFORGE_API_KEY, "
+                              "else no key; a key on the command line is visible to other local users)")
+    model_name: str = option("", "the model id clients send and /v1/models lists (default: <run>-<stage>, "
+                                 "from the checkpoint path)")
+    batching: str = option("continuous", "continuous (admit requests at step boundaries) | static (run a "
+                                         "group of requests to the end, then the next) | none (one at a time)")
+    max_batch_size: int = option(16, "sequences decoded together (a request with n samples takes n)")
+    max_queue: int = option(64, "requests waiting for a slot; more are answered 429")
+    max_tokens: int = option(512, "reply length when a request does not set max_tokens (capped by the context)")
+    max_n: int = option(8, "largest n (samples per request) accepted")
+    max_request_bytes: int = option(1_000_000, "largest request body accepted (413 above)")
+    tools: bool = option(True, "let the model call the python sandbox and search while it writes a reply")
+    index: str = option("", "search index (default: <run>/index/search.sqlite next to the checkpoint's stage, "
+                            "if it exists)")
+    max_tool_calls: int = option(4, "built-in tool calls per reply")
+    device: str = option("auto", "cuda | mps | cpu | auto")
+    threads: int = option(0, "torch threads; 0 = one per core")
 
 
 @dataclass

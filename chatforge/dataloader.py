@@ -192,8 +192,49 @@ def build_token_shards(out_dir: str | os.PathLike, tok, corpus: list[str | Path]
     _save_npy(out_dir / COUNTS, writers["train"].counts)
     atomic_write_text(out_dir / INDEX, json.dumps(index, indent=2) + "\n")
     log(f"tokenized {doc_index:,} documents ({stats.chars:,} chars): train {writers['train'].tokens:,} "
-        f"tokens, val {writers['val'].tokens:,} tokens -> {out_dir}")
+        f"tokens, val {writers['val'].tokens:,} tokens -> {out_dir}; {bad_records_note(index)}")
     return index
+
+
+def bad_records_note(index: dict) -> str:
+    """How many corpus records were skipped (no text, not JSON), for the log and the summary.
+
+    >>> bad_records_note({"bad_records": 3}), bad_records_note({"bad_records": 0})
+    ('3 malformed records skipped (no text field, not JSON or empty)', 'no malformed records')
+    """
+    n = int(index.get("bad_records", 0))
+    return f"{n:,} malformed records skipped (no text field, not JSON or empty)" if n else "no malformed records"
+
+
+def resolve_corpus(cfg) -> list[Path]:
+    """The pretraining corpus files of a stage config: --corpus, else what the run's tokenizer stage
+    read, else the run's data stage shards; globs and `stage:NAME` entries expanded (once: the list
+    goes on to build_token_shards). A missing file is an error here, before anything is deleted or
+    computed."""
+    from chatforge.common import require_stage, stage_dir
+    from chatforge.corpus import expand_corpus, stage_shards
+
+    corpus = cfg.corpus
+    tok_cfg = stage_dir(cfg, "tokenizer") / "config.json"
+    if not corpus and tok_cfg.exists():
+        corpus = json.loads(tok_cfg.read_text()).get("corpus") or []
+    if corpus:
+        return expand_corpus(corpus, cfg.data_dir, cfg)  # `stage:data` -> that stage's shard files
+    data = require_stage(cfg, "data")
+    shards = stage_shards(data)
+    if not shards:
+        raise ChatforgeError(f"no --corpus given and the data stage folder {data} holds no parquet shards")
+    return shards
+
+
+def _load_npy(path: Path, out_dir: Path, mmap: bool) -> np.ndarray:
+    """np.load, with a damaged file (truncated by a full disk or a copy, overwritten) as one clear
+    error naming it instead of numpy's traceback."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ChatforgeError(f"token file {path} is damaged ({str(e).splitlines()[0][:120]}); delete {out_dir} "
+                             f"to tokenize the corpus again") from None
 
 
 def check_shards(out_dir: str | os.PathLike, index: dict) -> None:
@@ -213,7 +254,11 @@ def check_shards(out_dir: str | os.PathLike, index: dict) -> None:
 def train_token_counts(out_dir: str | os.PathLike) -> np.ndarray:
     """How often each token id occurs in the train split (vocab_size int64s), counted once by
     build_token_shards as it wrote the shards."""
-    return np.load(Path(out_dir) / COUNTS)
+    counts = _load_npy(Path(out_dir) / COUNTS, Path(out_dir), mmap=False)
+    if counts.ndim != 1:
+        raise ChatforgeError(f"token file {Path(out_dir) / COUNTS} is damaged (shape {counts.shape}); delete "
+                             f"{out_dir} to tokenize the corpus again")
+    return counts
 
 
 class TokenStream:
@@ -225,8 +270,8 @@ class TokenStream:
         check_shards(out_dir, index)
         self.arrays = []
         for s in index[split]["shards"]:
-            arr = np.load(out_dir / s["file"], mmap_mode="r")
-            if arr.size != s["tokens"]:
+            arr = _load_npy(out_dir / s["file"], out_dir, mmap=True)
+            if arr.ndim != 1 or arr.size != s["tokens"]:
                 raise ChatforgeError(f"token shard {out_dir / s['file']} has {arr.size} tokens, the index "
                                      f"says {s['tokens']}; delete {out_dir} to tokenize again")
             self.arrays.append(arr)
@@ -330,17 +375,24 @@ class PackedLoader:
         self.seed = int(state.get("seed", self.seed))
 
 
-def eval_windows(stream: TokenStream, seq_len: int, max_tokens: int, rank: int = 0,
+def eval_windows(stream: TokenStream, seq_len: int, max_tokens: int, rank: int | None = 0,
                  world_size: int = 1) -> np.ndarray:
     """Window indices of the validation stream this rank scores: the first max_tokens // T windows
-    (in order, so every evaluation uses the same text), an equal share per rank."""
+    (in order, so every evaluation uses the same text), an equal share per rank, so the count is cut
+    to a multiple of world_size. rank=None: the windows of all ranks together (what the unigram
+    baseline must score to match the model).
+
+    >>> s = TokenStream.from_array(np.arange(100), vocab_size=100)
+    >>> eval_windows(s, 10, 100, rank=1, world_size=4), eval_windows(s, 10, 100, rank=None, world_size=4)
+    (array([1, 5]), array([0, 1, 2, 3, 4, 5, 6, 7]))
+    """
     n = min((len(stream) - 1) // seq_len, max(1, max_tokens // seq_len))
     n -= n % world_size
     if n == 0:
         raise ChatforgeError(
             f"the validation split has {len(stream):,} tokens: not one window of {seq_len + 1} tokens per "
             f"rank ({world_size} ranks); raise --val_fraction or lower --max_seq_len")
-    return np.arange(rank, n, world_size)
+    return np.arange(n) if rank is None else np.arange(rank, n, world_size)
 
 
 def iter_eval_batches(stream: TokenStream, windows: np.ndarray, seq_len: int, batch_size: int,

@@ -55,7 +55,7 @@ import torch
 from chatforge.common import ChatforgeError, write_json
 from chatforge.common import data_dir as data_root_of
 from chatforge.model import KVCache
-from chatforge.stages.pretrain import Dist, evaluate_bpb, unigram_bpb  # TODO(merge): from chatforge.bpb
+from chatforge.bpb import evaluate_bpb, unigram_bpb
 from chatforge.tasks import mc
 
 EVAL_FORMAT = 1
@@ -398,7 +398,7 @@ def run_bpb(model, tok, *, tokens_dir: Path | None, texts: Sequence[str] = (), d
         windows = eval_windows(stream, seq_len, max_tokens)
     except ChatforgeError as e:
         return {"status": "missing", "reason": str(e)}
-    bpb = evaluate_bpb(model, stream, windows, seq_len, batch_size, token_bytes, device, autocast, Dist())
+    bpb = evaluate_bpb(model, stream, windows, seq_len, batch_size, token_bytes, device, autocast)
     out = {"status": "ok", "bpb": bpb, "tokens": int(len(windows) * seq_len), "source": source}
     if counts is not None:
         out["unigram_bpb"] = unigram_bpb(counts, stream, windows, seq_len, token_bytes_np)

@@ -422,23 +422,37 @@ def test_batched_tool_use_on_the_real_model(tok):
     and <|python_end|> head rows just above those of tokens it would write at that point."""
     sp = tok.special
     PS, PE, OS, OE = (sp(s) for s in ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"))
-    model = random_model(tok.vocab_size, seed=0)
     g = torch.Generator().manual_seed(0)
     prompts = [[tok.bos_id] + torch.randint(0, 256, (L,), generator=g).tolist() for L in (5, 9, 3, 12)]
-    plain = Engine(model, tok, tools={})
-    first = plain.generate(prompts[:1], max_tokens=30, temperature=0, stop_tokens=[])[0].tokens
-    with torch.no_grad():
-        model.lm_head.weight[PS] = model.lm_head.weight[first[1]] * 1.5  # python_start where it wrote first[1]
-        steered = plain.generate(prompts[:1], max_tokens=30, temperature=0, stop_tokens=[])[0].tokens
-        model.lm_head.weight[PE] = model.lm_head.weight[steered[steered.index(PS) + 3]] * 1.5
     tools = {"python": Tool("python", "py", lambda code: "forty two")}
     out_ids = tok.encode("forty two")
-    refs = [greedy_reference(model, p, 30, tool=(PS, PE, OS, OE, out_ids)) for p in prompts]
-    s = refs[0].index(OS)
-    assert refs[0][s:s + len(out_ids) + 2] == [OS, *out_ids, OE]
-    # row 2 stops on a token it writes while row 0 is inside its tool output (and not earlier)
-    stop = next(t for t in refs[2][s:s + len(out_ids) + 2] if t not in refs[2][:s] and t not in refs[0]
-                and all(t not in r for r in (refs[1], refs[3])))
+    # Steering needs a random model where it makes exactly the scenario: row 0 calls the tool once, the
+    # other rows call none, and row 2 has a token of its own to stop on while row 0 is inside its tool
+    # output. Whether a given random model does depends on the vocabulary (the protocol's special tokens),
+    # so take the first seed that does rather than one hard-coded seed.
+    for seed in range(20):
+        model = random_model(tok.vocab_size, seed=seed)
+        plain = Engine(model, tok, tools={})
+        first = plain.generate(prompts[:1], max_tokens=30, temperature=0, stop_tokens=[])[0].tokens
+        with torch.no_grad():
+            model.lm_head.weight[PS] = model.lm_head.weight[first[1]] * 1.5  # python_start where it wrote first[1]
+            steered = plain.generate(prompts[:1], max_tokens=30, temperature=0, stop_tokens=[])[0].tokens
+            if PS not in steered or steered.index(PS) + 3 >= len(steered):
+                continue
+            model.lm_head.weight[PE] = model.lm_head.weight[steered[steered.index(PS) + 3]] * 1.5
+        refs = [greedy_reference(model, p, 30, tool=(PS, PE, OS, OE, out_ids)) for p in prompts]
+        if OS not in refs[0] or refs[0].count(PS) != 1 or any(PS in r for r in refs[1:]):
+            continue
+        s = refs[0].index(OS)
+        if refs[0][s:s + len(out_ids) + 2] != [OS, *out_ids, OE]:
+            continue
+        # row 2 stops on a token it writes while row 0 is inside its tool output (and not earlier)
+        stop = next((t for t in refs[2][s:s + len(out_ids) + 2] if t not in refs[2][:s] and t not in refs[0]
+                     and all(t not in r for r in (refs[1], refs[3]))), None)
+        if stop is not None:
+            break
+    else:
+        pytest.fail("no random model in 20 seeds makes the scenario")
     refs[2] = refs[2][:refs[2].index(stop) + 1]
     eng = Engine(model, tok, tools=tools)
     batch = eng.batch()

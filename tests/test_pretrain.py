@@ -23,7 +23,8 @@ from chatforge.config import PretrainConfig, resolve_config
 from chatforge.dataloader import PackedLoader, TokenStream, build_token_shards, eval_windows, train_token_counts
 from chatforge.model import GPT, ModelConfig
 from chatforge.optim import build_optimizer, lr_multiplier, muon_momentum
-from chatforge.stages import pretrain
+from chatforge.bpb import unigram_bpb
+from chatforge.plan import derive_settings, describe_plan, estimate_rows
 from chatforge.corpus import iter_documents
 from chatforge.tokenizer import Tokenizer
 
@@ -137,7 +138,7 @@ def test_schedule():
 
 def test_derived_settings_follow_depth():
     cfg = resolve_config(PretrainConfig, overrides={"depth": 20})
-    plan = pretrain.derive_settings(cfg, vocab_size=32768, world=8)
+    plan = derive_settings(cfg, vocab_size=32768, world=8)
     assert plan.model_config.n_embd == 1280 and plan.total_batch_size == 524288  # nanochat's d20 batch
     # Counted by hand, d20 (width 1280, 10 heads of 128, SwiGLU 64*ceil(8*1280/3/64) = 3456), vocab 32768:
     #   per block: q,k,v,o 4*1280^2 = 6,553,600 + gate,up,down 3*1280*3456 = 13,271,040
@@ -146,14 +147,14 @@ def test_derived_settings_follow_depth():
     # 20 tokens per parameter at 524,288 tokens a step: 9,608,729,600 / 524,288 = 18,327.2 -> 18,327 steps
     assert plan.num_params == 480_436_480
     assert plan.grad_accum == 1 and plan.num_iterations == 18_327
-    small = pretrain.derive_settings(resolve_config(PretrainConfig, overrides={"depth": 4}), 32768, 1)
+    small = derive_settings(resolve_config(PretrainConfig, overrides={"depth": 4}), 32768, 1)
     assert small.total_batch_size < plan.total_batch_size and small.num_params < plan.num_params
-    text = pretrain.describe_plan(plan, cfg, torch.device("cpu"), None)
+    text = describe_plan(plan, torch.device("cpu"), None)
     assert "parameters:" in text and "FLOPs/token" in text and "8 x H100" in text and "$" in text
     # overrides win
     cfg = resolve_config(PretrainConfig, overrides={"depth": 4, "n_embd": 384, "total_batch_size": 65536,
                                                     "num_iterations": 7})
-    plan = pretrain.derive_settings(cfg, 4096, 1)
+    plan = derive_settings(cfg, 4096, 1)
     assert plan.model_config.n_embd == 384 and plan.num_iterations == 7 and plan.grad_accum == 1
 
 
@@ -161,10 +162,10 @@ def test_derived_settings_follow_depth():
 def test_presets_plan(preset):
     cfg = resolve_config(PretrainConfig, preset=preset)
     world = 8 if preset == "8xh100" else 1
-    plan = pretrain.derive_settings(cfg, vocab_size=4096 if preset == "tiny" else 32768, world=world)
+    plan = derive_settings(cfg, vocab_size=4096 if preset == "tiny" else 32768, world=world)
     assert plan.num_iterations > 0 and plan.total_batch_size % (plan.device_batch_size * plan.seq_len * world) == 0
     if preset != "tiny":
-        (_, hours, dollars), *_ = pretrain.estimate_rows(plan, None)
+        (_, hours, dollars), *_ = estimate_rows(plan, None)
         assert 0.1 < hours < 24 and dollars > 0
 
 
@@ -241,7 +242,7 @@ def test_token_shards(tmp_path, tokenizer_dir, shared_data):
     uniform = np.full(tok.vocab_size, 7)  # every token equally likely: log2(V) bits per text token
     y = val.window(1, 16)
     expected = np.log2(tok.vocab_size) * (token_bytes[y] > 0).sum() / token_bytes[y].sum()
-    assert pretrain.unigram_bpb(uniform, val, [0], 16, token_bytes) == pytest.approx(expected)
+    assert unigram_bpb(uniform, val, [0], 16, token_bytes) == pytest.approx(expected)
     # a missing shard is one clear error
     (out / index["train"]["shards"][1]["file"]).unlink()
     with pytest.raises(ChatforgeError, match="token shard .* is missing"):
@@ -261,7 +262,7 @@ def test_stage_checkpoint_and_sample(trained, capsys):
     done = json.loads((trained / "DONE").read_text())
     assert done["step"] == 12 and done["val_bpb"] < done["unigram_bpb"]
     state = json.loads((ckpt / "state.json").read_text())
-    assert state["step"] == 12 and set(state["loader"]) >= {"epoch", "position"} and "torch" in state["rng"]
+    assert state["step"] == 12 and set(state["data"]) >= {"epoch", "position"} and "torch" in state["rng"]
     recs = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "loss" in r and "event" not in r]
     assert [r["step"] for r in steps] == list(range(1, 13))
@@ -310,6 +311,13 @@ def test_bad_inputs_one_clear_error(trained, tmp_path, tokenizer_dir, shared_dat
     (root / "b" / "pretrain" / "DONE").unlink()
     base = ["--run", "b", "--runs_dir", root, "--corpus", ",".join(CORPUS), *SMALL, "--num_iterations", 14]
 
+    # a token shard cut short (a full disk, an interrupted copy): one line naming the file
+    shard = root / "b" / "pretrain" / "tokens" / "train_00000.npy"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:len(good) // 2])
+    e = err(*base)
+    assert f"token file {shard} is damaged" in e and "tokenize the corpus again" in e
+    shard.write_bytes(good)
     # checkpoint from another architecture (depth 3 vs 2)
     assert "different architecture" in err(*base, "--depth", 3)
     # context longer than the checkpoint supports
@@ -336,6 +344,42 @@ def test_bad_inputs_one_clear_error(trained, tmp_path, tokenizer_dir, shared_dat
     (hf / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert "Hugging Face" in err(hf, "--prompt", "x", cmd="sample")
     assert "context is 64" in err(ckpt, "--prompt", "to be or not " * 40, cmd="sample")
+
+
+@pytest.mark.parametrize("flag,value,expect", [
+    ("threads", "-1", "--threads -1: must be at least 0"),
+    ("matrix_lr", "-1", "--matrix_lr -1.0: must be a finite number >= 0"),
+    ("matrix_lr", "nan", "--matrix_lr nan: must be a finite number >= 0"),
+    ("embedding_lr", "inf", "--embedding_lr inf: must be a finite number >= 0"),
+    ("num_iterations", "-5", "--num_iterations -5: must be at least 0 (0 = derived from the token budget)"),
+    ("total_batch_size", "-8", "--total_batch_size -8: must be at least 0"),
+    ("eval_every", "-1", "--eval_every -1: must be at least 0"),
+    ("warmup_ratio", "nan", "--warmup_ratio nan: must be between 0 and 1"),
+    ("grad_clip", "nan", "--grad_clip nan: must be a finite number >= 0"),
+    ("val_fraction", "0.9", "--val_fraction 0.9: must be in (0, 0.5]"),
+    ("device_batch_size", "0", "--device_batch_size 0: must be at least 1"),
+])
+def test_bad_settings_one_clear_error(tmp_path, capsys, flag, value, expect):
+    """Each bad value is one error line naming the flag, before anything runs (no run folder is made);
+    before, --num_iterations -5 silently started a 90,290-step run and --matrix_lr -1 died in torch."""
+    rc = main(["pretrain", "--run", "x", "--runs_dir", str(tmp_path / "runs"), "--preset", "tiny",
+               f"--{flag}", value])
+    e = capsys.readouterr().err
+    assert rc == 2 and e.count("\n") == 1 and "Traceback" not in e and expect in e, e
+    assert not (tmp_path / "runs").exists()
+
+
+def test_malformed_records_are_counted_and_reported(tmp_path, tokenizer_dir):
+    """A long job skips bad records and says how many (the tokenizer stage does the same)."""
+    corpus = tmp_path / "c.jsonl"
+    good = [json.dumps({"text": f"document number {i} about the weather"}) for i in range(6)]
+    corpus.write_text("\n".join([good[0], "{not json", good[1], json.dumps({"text": 5}), *good[2:],
+                                  json.dumps({"id": 5})]) + "\n")
+    lines = []
+    index = build_token_shards(tmp_path / "tok", Tokenizer.load(tokenizer_dir), [corpus], val_fraction=0.5,
+                               log=lines.append)
+    assert index["bad_records"] == 3 and index["train"]["documents"] + index["val"]["documents"] == 6
+    assert "3 malformed records skipped" in lines[-1]
 
 
 def test_nan_stops_with_clear_message_and_keeps_checkpoint(runs, capsys):
@@ -411,13 +455,14 @@ def test_torchrun_two_gloo_processes_match_one(runs, mode):
     root = runs.root
     shutil.copytree(root / "r" / "tokenizer", root / "two" / "tokenizer")
     n = 8
-    # one process: 8 sequences per step as 2 accumulation steps of 4
-    one = subprocess.run(_cmd(root, "r", "--num_iterations", n, "--device_batch_size", 4), env=_env(),
-                         capture_output=True, text=True)
+    # one process: 8 sequences per step as 2 accumulation steps of 4. --eval_tokens: 65 windows of 64,
+    # which 2 ranks cannot share evenly (each scores 32)
+    one = subprocess.run(_cmd(root, "r", "--num_iterations", n, "--device_batch_size", 4, "--eval_tokens", 4160),
+                         env=_env(), capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     # two processes x 4 sequences: the same global batch
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "chatforge",
-           "--", *_cmd(root, "two", "--num_iterations", n, "--device_batch_size", 4)[3:]]
+           "--", *_cmd(root, "two", "--num_iterations", n, "--device_batch_size", 4, "--eval_tokens", 4160)[3:]]
     if mode == "fsdp":
         cmd.append("--fsdp")
     two = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
@@ -427,6 +472,17 @@ def test_torchrun_two_gloo_processes_match_one(runs, mode):
     assert sorted(a) == sorted(b) == list(range(1, n + 1))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4), step
+    # the unigram baseline scores exactly the windows the model scores: 64 of the 65 on 2 ranks
+    # (it used to score all 65), recomputed here from the run's shards
+    out = root / "two" / "pretrain"
+    base = next(r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                if r.get("event") == "baseline")
+    assert base["val_windows"] == 64
+    index = json.loads((out / "tokens" / "index.json").read_text())
+    tok = Tokenizer.load(root / "two" / "tokenizer")
+    expect = unigram_bpb(train_token_counts(out / "tokens"), TokenStream(out / "tokens", index, "val"),
+                         np.arange(64), 64, np.asarray(tok.token_bytes()))
+    assert json.loads((out / "DONE").read_text())["unigram_bpb"] == pytest.approx(expect, rel=1e-12)
     # the distributed checkpoint loads on one process
     assert main(["sample", str(root / "two" / "pretrain" / "checkpoint"), "--prompt", "A", "--max_tokens", "3"]) == 0
 

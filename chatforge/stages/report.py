@@ -15,7 +15,7 @@ from chatforge.common import log0, stage_run
 from chatforge.config import PRESET_HARDWARE
 from chatforge.report import GpuSetup, find_run, write_report
 # TODO(merge): the GPU tables belong in a library module; the report needs them for its cost estimates.
-from chatforge.stages.pretrain import ASSUMED_MFU, gpu_peak_flops, gpu_price
+from chatforge.hardware import ASSUMED_MFU, gpu_peak_flops, gpu_price
 
 
 def run(cfg) -> dict:

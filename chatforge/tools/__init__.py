@@ -155,5 +155,25 @@ def dispatch(pair: str, text: str, tools: dict[str, Tool] | None = None) -> Tool
     return ToolResult(name, args, out, False)
 
 
+def default_tools(checkpoint: str = "", index: str = "") -> dict[str, Tool]:
+    """The tool set a chat front end offers: every registered tool, with search over `index`, or over
+    runs/<run>/index/search.sqlite next to the checkpoint's stage folder when that exists."""
+    from pathlib import Path
+
+    from chatforge.common import ChatforgeError
+    from chatforge.tools.search import search_tool
+
+    tools = {t.name: t for t in list_tools()}
+    if index:
+        if not Path(index).is_file():
+            raise ChatforgeError(f"--index {index}: not found; build one with `chatforge index`")
+        path = Path(index)
+    else:
+        cand = Path(checkpoint).resolve().parent.parent / "index" / "search.sqlite" if checkpoint else None
+        path = cand if cand is not None and cand.is_file() else None
+    tools["search"] = search_tool(path)
+    return tools
+
+
 __all__ = ["Tool", "ToolError", "ToolResult", "TOOL_TOKENS", "register_tool", "unregister_tool", "get_tool",
            "list_tools", "parse_call", "dispatch"]
