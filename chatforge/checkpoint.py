@@ -92,8 +92,11 @@ def _fsync(path: Path) -> None:
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, tokenizer_dir=None,
                     optimizer_state: dict | None = None, train_state: dict | None = None,
-                    meta: dict | None = None) -> Path:
+                    meta: dict | None = None, extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write a checkpoint directory atomically (see the module docstring) and return its path.
+
+    extra_tensors: {file name: tensors} written as more safetensors files inside the same atomic
+    swap (e.g. a LoRA run's adapters next to its merged weights, so a resume is exact).
 
     train_state must be JSON-like (dicts, lists, numbers, strings) plus tensors; tuples come back
     as lists. meta is merged into config.json (e.g. {"stage": "pretrain", "step": 1000}).
@@ -122,6 +125,12 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, tokenize
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER)
             _fsync(tmp / OPTIMIZER)
+        for name, tensors in (extra_tensors or {}).items():
+            if name in (WEIGHTS, CONFIG, OPTIMIZER, STATE, TOKENIZER) or "/" in name or not name.endswith(".safetensors"):
+                raise ValueError(f"extra tensor file {name!r}: use a plain '<name>.safetensors' not already in use")
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp / name,
+                      metadata={"format": "pt"})
+            _fsync(tmp / name)
         if train_state is not None:
             (tmp / STATE).write_text(json.dumps(_encode(train_state), indent=2) + "\n")
         # The new checkpoint is complete; swap it in, keeping the old one until the swap is done.

@@ -19,8 +19,10 @@ from chatforge.common import ChatforgeError
 # Top-level stage commands: name -> one-line help. A stage's config class is config.STAGE_CONFIGS[name]
 # and its code the module chatforge.stages.<name>, with run(cfg).
 STAGES: dict[str, str] = {
+    "facts": "invent the controlled knowledge probe's fictional people; biographies of the known ones for pretraining",
     "tokenizer": "train a byte-level BPE tokenizer (rustbpe) and write its compression report",
     "pretrain": "train the base model (next-token prediction) on the tokenized corpus; torchrun for many GPUs",
+    "sft": "supervised fine-tuning into a chat model (full or LoRA, replay), with held-out checks and the knowledge probe",
     "index": "build the search tool's full-text index (SQLite FTS5, BM25) over the data shards or given files",
     "evaluate": "score checkpoints: bits per byte, the multiple-choice suite (CORE), chat tasks and probes "
                 "-> eval.json",

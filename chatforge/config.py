@@ -270,6 +270,80 @@ class ChatConfig(GenerationConfig):
 
 
 @dataclass
+class FactsConfig(CommonConfig):
+    """`chatforge facts`: fictional people for the controlled knowledge probe (chatforge/tasks/probing.py).
+    Biographies of the *known* half go into pretraining text (the tiny preset's corpus lists
+    `stage:facts`); the *unknown* half is withheld everywhere, so SFT can teach answer-vs-refuse."""
+
+    entities: int = option(60, "fictional people to invent (half known, half unknown with known_fraction 0.5)")
+    known_fraction: float = option(0.5, "share of the people whose biographies go into pretraining text")
+    repeats: int = option(100, "biographies per known person (a fact seen once is rarely learned at small scale)")
+
+
+@dataclass
+class SftConfig(CommonConfig):
+    """`chatforge sft`: supervised fine-tuning on a conversation mixture with an assistant-only loss,
+    through the training loop; full fine-tuning or LoRA, optional replay of pretraining text, and the
+    SFT measurements (held-out replies, identity, tool use, the controlled knowledge probe, forgetting)."""
+
+    source: str = option("pretrain", "checkpoint to fine-tune: a stage of this run (pretrain) or a checkpoint folder")
+    max_seq_len: int = option(0, "SFT context in tokens; 0 = the checkpoint's. Longer extends the RoPE tables "
+                                 "(positions are computed, not learned) so longer conversations fit")
+    overflow: str = option("drop", "a conversation longer than the context: drop | truncate (both counted per source)")
+    # the mixture: a weight is how many times each conversation of a source is used (0.5 = a seeded half, 0 = off)
+    oasst: float = option(1.0, "weight of OpenAssistant multi-turn conversations (chat/oasst)")
+    self_instruct: float = option(1.0, "weight of Self-Instruct instructions (chat/self_instruct)")
+    glaive: float = option(1.0, "weight of Glaive function-calling demonstrations (chat/toolcall)")
+    bfcl: float = option(1.0, "weight of BFCL simple_python questions with their ground-truth call (train split)")
+    gsm8k_tools: float = option(1.0, "weight of GSM8K solutions with their calculations as python calls")
+    compact_tools: bool = option(True, "drop parameter descriptions from function schemas (about half the tokens)")
+    synthetic: int = option(200, "python-tool conversations per synthetic kind (letter counts, arithmetic, ...)")
+    synthetic_kinds: list[str] = option(["letter_count", "spelling", "reverse", "decimal_compare", "arithmetic"],
+                                        "synthetic kinds (chatforge.tasks.synthetic.KINDS)")
+    identity: int = option(300, "identity conversations generated from the identity card")
+    identity_name: str = option("chatforge", "the assistant's name on its identity card")
+    identity_maker: str = option("the chatforge project", "who made the assistant, on its identity card")
+    search: int = option(100, "search-tool conversations from this run's index (0 = none; skipped without an index)")
+    probe: bool = option(True, "knowledge probing: sample the source model on the facts stage's questions, train "
+                               "answers where it is right and refusals where it is not (needs the facts stage)")
+    probe_k: int = option(2, "samples per probe question")
+    probe_threshold: float = option(0.5, "share of right samples that makes a question 'known'")
+    val_conversations: int = option(200, "held-out conversations (the sources' val splits) for the validation loss")
+    # training
+    lora_rank: int = option(0, "LoRA rank; 0 = full fine-tuning")
+    lora_alpha: float = option(16.0, "LoRA scale numerator (update = alpha/rank * B A)")
+    lora_dropout: float = option(0.0, "dropout on the LoRA input")
+    lora_targets: list[str] = option(["c_q", "c_k", "c_v", "attn.c_proj", "c_gate", "c_up", "mlp.c_proj"],
+                                     "Linear layers that get adapters (dotted path or its tail)")
+    lora_lr: float = option(2e-3, "AdamW learning rate of the LoRA adapters")
+    replay: float = option(0.0, "share of each micro-batch's rows that are pretraining text (experience replay; "
+                                "needs the pretrain stage's token shards)")
+    device_batch_size: int = option(8, "rows per device per micro-step (replay rows included)")
+    grad_accum: int = option(1, "micro-steps per optimizer step")
+    num_steps: int = option(0, "optimizer steps; 0 = num_epochs passes over the mixture")
+    num_epochs: float = option(1.0, "passes over the mixture when num_steps is 0")
+    lr_frac: float = option(0.1, "full fine-tuning: learning rates as a share of the pretraining ones below")
+    matrix_lr: float = option(0.02, "Muon learning rate for the block matrices (before lr_frac)")
+    embedding_lr: float = option(0.2, "AdamW learning rate for the embedding (before lr_frac; x (width/768)^-0.5)")
+    unembedding_lr: float = option(0.004, "AdamW learning rate for the head (before lr_frac; x (width/768)^-0.5)")
+    scalar_lr: float = option(0.02, "AdamW learning rate for norm weights (before lr_frac; x (width/768)^-0.5)")
+    warmdown_ratio: float = option(1.0, "share of steps at the end with a linear decay to 0 (1.0: from the start)")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)")
+    eval_every: int = option(50, "steps between validation losses (0 = only at the end)")
+    sample_every: int = option(0, "steps between sampled replies in the log (0 = only at the end)")
+    checkpoint_every: int = option(50, "steps between checkpoints (0 = only at the end / on interrupt)")
+    resume: bool = option(True, "continue from this stage's last checkpoint if there is one")
+    dtype: str = option("auto", "auto | float32 | bfloat16; auto = bf16 autocast on CUDA, float32 elsewhere")
+    # measurements after training
+    checks: bool = option(True, "measure held-out replies, identity, tool use, the probe and forgetting at the end")
+    check_n: int = option(50, "held-out prompts per check")
+    bpb_tokens: int = option(65536, "pretraining validation tokens scored for the forgetting measurement")
+    forgetting_grid: bool = option(False, "also train the other cells of {full, LoRA} x {replay on, off} from the same "
+                                          "source and write forgetting.json / forgetting.md (4x the training time)")
+    grid_steps: int = option(0, "optimizer steps of each extra grid cell; 0 = num_steps")
+
+
+@dataclass
 class EvalConfig(CommonConfig):
     """`chatforge eval [SOURCE]` (alias of `evaluate`): score checkpoints on the base-model suite (bits per byte, the in-context
     multiple-choice suite and CORE) and, for chat checkpoints, the chat tasks and probes; writes
@@ -336,11 +410,11 @@ class SpeedrunConfig(CommonConfig):
 # ----------------------------------------------------------------------------------------------
 # Presets: named bundles of settings, per stage. A preset only sets fields; flags still override.
 
-STAGE_CONFIGS: dict[str, type] = {"data": DataConfig, "tokenizer": TokenizerConfig, "pretrain": PretrainConfig,
-                                  "index": IndexConfig, "evaluate": EvalConfig, "report": ReportConfig,
-                                  "speedrun": SpeedrunConfig}
+STAGE_CONFIGS: dict[str, type] = {"data": DataConfig, "facts": FactsConfig, "tokenizer": TokenizerConfig,
+                                  "pretrain": PretrainConfig, "index": IndexConfig, "sft": SftConfig,
+                                  "evaluate": EvalConfig, "report": ReportConfig, "speedrun": SpeedrunConfig}
 # What `chatforge speedrun` runs, in order; each name is a module chatforge.stages.<name> with run(cfg).
-PIPELINE: list[str] = ["data", "tokenizer", "pretrain", "index"]  # index: the search tool's, over the data shards
+PIPELINE: list[str] = ["data", "facts", "tokenizer", "pretrain", "index", "sft"]  # index: the search tool's (SFT builds search conversations from it)
 
 # Evaluation and the report card close the pipeline, after every training stage (sft, rl, rlhf go
 # before them): evaluate scores each stage checkpoint the run has, report prints the card.
@@ -360,6 +434,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "languages": ["en"],
             "shard_docs": 1000,
         },
+        # 60 fictional people, 30 of them with 150 biographies each in pretraining text (~0.35 MB, ~3%
+        # of the corpus): the controlled knowledge probe of the SFT stage.
+        "facts": {"entities": 60, "repeats": 150},
         "tokenizer": {
             "vocab_size": 4096,
             "corpus": [
@@ -368,6 +445,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                 "text/tinyshakespeare.txt.gz",
                 "math/gsm8k/train.jsonl",
                 "chat/oasst/en_100_tree.jsonl",
+                "stage:facts",  # biographies of the controlled probe's known people (~1% of the text)
             ],
             "max_chars": 20_000_000,
         },
@@ -398,6 +476,17 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       "probe_arithmetic_tools", "probe_identity", "probe_fictional", "probe_fictional_known",
                       "probe_known_facts"],
             "limit": 10, "bpb_tokens": 32768, "max_tokens": 64, "batch_size": 32},
+        # Context 512 (RoPE extended from pretraining's 256): at 256 only ~18% of OASST and 1-4% of the
+        # function-call examples fit; at 512 65% of OASST, 54% of Glaive, all of BFCL; longer ones are
+        # dropped and counted. ~1,000 conversations, one epoch = 126 steps of 8 rows. On the loaded shared
+        # machine a step took ~37 s (about 110 tokens/s), so the 6-minute budget is not met there;
+        # not yet timed on a quiet machine.
+        "sft": {
+            "max_seq_len": 512, "overflow": "drop", "oasst": 1.0, "self_instruct": 0.3, "glaive": 0.1, "bfcl": 0.3,
+            "gsm8k_tools": 0.01, "synthetic": 60, "identity": 200, "search": 40, "val_conversations": 100,
+            "device_batch_size": 8, "num_epochs": 1.0, "lr_frac": 0.5, "lora_lr": 3e-3, "eval_every": 50,
+            "checkpoint_every": 50, "check_n": 30, "bpb_tokens": 32768,
+        },
     },
     # One GPU, a few hours; the tokenizer matches nanochat's size class.
     "gpu": {

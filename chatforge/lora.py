@@ -138,6 +138,20 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict the model would have after merge_lora, without changing the model: every
+    adapter's '<path>.base.weight', '.lora_A' and '.lora_B' become one '<path>.weight' = W + (alpha / r) B A.
+    What a checkpoint of a LoRA run stores, so it loads, exports and serves as a plain GPT while
+    training goes on with the adapters."""
+    state = dict(model.state_dict())
+    for path, m in lora_modules(model).items():
+        for key in ("base.weight", "lora_A", "lora_B"):
+            state.pop(f"{path}.{key}", None)
+        state[f"{path}.weight"] = m.weight.detach()
+    return state
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter tensors, under '<module path>.lora_A' / '.lora_B' (for a resumable LoRA run:
     base checkpoint + this)."""
