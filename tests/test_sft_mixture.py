@@ -113,12 +113,12 @@ def test_packed_rows_with_the_document_mask_compute_each_conversation_alone(shar
     model = small_gpt(tok.vocab_size).eval()
 
     def forward(idx, mask):  # GPT.forward's math, with the mask handed to every block
-        T = idx.size(1)
-        h = model.wte(idx)
-        cos, sin = model.cos[None, :T, None, :], model.sin[None, :T, None, :]
+        B, T = idx.shape
+        h = model.wte(idx).view(B * T, -1)  # (B*T, C): the model's 2-D residual stream
+        cos, sin = model.cos[:T, None], model.sin[:T, None]  # (T, 1, D)
         for block in model.blocks:
-            h = block(h, cos, sin, None, mask)
-        return model.lm_head(model.norm_f(h))
+            h = block(h, B, T, cos, sin, None, mask)
+        return model.lm_head(model.norm_f(h)).view(B, T, -1)
 
     with torch.no_grad():
         packed = forward(x, document_causal_mask(doc))  # (R, T, V)
