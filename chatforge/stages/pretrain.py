@@ -35,9 +35,9 @@ import shutil
 import numpy as np
 import torch
 
-from chatforge.common import ChatforgeError, get_device, is_complete, log0, physical_cores, read_done, \
-    require_stage, setup_threads, stage_dir, stage_run
-from chatforge.distributed import Dist, barrier, destroy, dist_from_env, init_distributed
+from chatforge.common import ChatforgeError, is_complete, log0, read_done, require_stage, stage_dir, \
+    stage_run
+from chatforge.distributed import Dist, barrier, training_process
 from chatforge.plan import check_resume, check_resume_state, derive_settings, describe_plan
 
 SAMPLE_PROMPTS = [
@@ -51,15 +51,8 @@ DIVERGE_HINT = ("lower the learning rates (--matrix_lr, --embedding_lr, --unembe
 
 
 def run(cfg) -> dict | None:
-    d = dist_from_env()
-    threads = cfg.threads or max(1, physical_cores() // max(1, d.local_world))
-    setup_threads(threads)
-    torch.set_num_threads(threads)
-    device = init_distributed(d, get_device(cfg.device))
-    try:
+    with training_process(cfg.threads, cfg.device) as (d, device):
         return _run(cfg, d, device)
-    finally:
-        destroy(d)
 
 
 def _run(cfg, d: Dist, device: torch.device) -> dict | None:

@@ -33,26 +33,18 @@ from pathlib import Path
 
 import torch
 
-from chatforge.common import ChatforgeError, get_device, is_complete, log0, physical_cores, read_done, \
-    require_stage, setup_threads, stage_dir, stage_run, write_json
+from chatforge.common import ChatforgeError, is_complete, log0, read_done, require_stage, stage_dir, \
+    stage_run, write_json
 from chatforge.config import ConfigError, SftConfig
+from chatforge.distributed import training_process
 
 SAMPLE_PROMPTS = ["Who are you?", "How many r's are in the word strawberry?"]
 
 
 def run(cfg: SftConfig) -> dict:
-    from chatforge.distributed import destroy, dist_from_env, init_distributed
-
     check_config(cfg)
-    d = dist_from_env()
-    threads = cfg.threads or max(1, physical_cores() // max(1, d.local_world))
-    setup_threads(threads)
-    torch.set_num_threads(threads)
-    device = init_distributed(d, get_device(cfg.device))
-    try:
+    with training_process(cfg.threads, cfg.device) as (d, device):
         return _run(cfg, d, device)
-    finally:
-        destroy(d)
 
 
 def check_config(cfg: SftConfig) -> None:
