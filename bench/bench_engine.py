@@ -10,6 +10,12 @@ error otherwise) before timings are reported. Run by hand, never in the test sui
     python bench/bench_engine.py                      # default: depth 6 (width 384, vocab 8192, 16.9M params)
     python bench/bench_engine.py --depth 4 --vocab 4096 --trials 5   # the `tiny` preset's size (5.3M params)
     python bench/bench_engine.py --baseline bf4df4e --threads 1      # this engine vs an older commit's
+    python bench/bench_engine.py --depth 4 --vocab 4096 --batches 64 --prompt 48 --new 64   # RL rollouts
+
+The last line is the RL stage's batch shape (`chatforge rl --preset tiny`: 8 prompts x 8 replies,
+prompts of ~40-50 tokens, replies of at most 64 tokens that end at different lengths): its "replies of
+different lengths" row is rollout decoding (greedy here, so both sides can be checked token for token;
+sampling costs the same per step on both sides).
 
 Both sizes are worth quoting: at depth 4 the fixed per-step cost (where the engine wins) is a larger
 share of a step than at depth 6. Batch 1 and 8, prompt 128, 128 new tokens by default.

@@ -23,6 +23,8 @@ STAGES: dict[str, str] = {
     "tokenizer": "train a byte-level BPE tokenizer (rustbpe) and write its compression report",
     "pretrain": "train the base model (next-token prediction) on the tokenized corpus; torchrun for many GPUs",
     "sft": "supervised fine-tuning into a chat model (full or LoRA, replay), with held-out checks and the knowledge probe",
+    "rl": "reinforcement learning on verifiable rewards (GRPO): math, arithmetic, counting, with tools; "
+          "held-out pass@1 before / after",
     "index": "build the search tool's full-text index (SQLite FTS5, BM25) over the data shards or given files",
     "evaluate": "score checkpoints: bits per byte, the multiple-choice suite (CORE), chat tasks and probes "
                 "-> eval.json",

@@ -209,6 +209,18 @@ def require_stage(cfg, stage: str) -> Path:
     return d
 
 
+def source_checkpoint(cfg, source: str) -> Path:
+    """The checkpoint a training stage starts from: `source` is an earlier stage of the same run (its
+    checkpoint/ folder, e.g. pretrain or sft) or a checkpoint folder."""
+    if "/" not in source and not Path(source).exists():
+        return require_stage(cfg, source) / "checkpoint"
+    p = Path(source)
+    if not (p / "config.json").is_file():
+        raise ChatforgeError(f"--source {source}: not a checkpoint folder (no config.json); give a stage of "
+                             f"this run (pretrain, sft) or a folder like runs/tiny/sft/checkpoint")
+    return p
+
+
 class StageRun:
     """One stage's run directory: config + provenance at start, metrics while running, DONE last."""
 

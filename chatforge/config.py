@@ -344,6 +344,53 @@ class SftConfig(CommonConfig):
 
 
 @dataclass
+class RlConfig(CommonConfig):
+    """`chatforge rl`: reinforcement learning on verifiable rewards (GRPO) from the SFT checkpoint: groups of
+    replies sampled through the engine with tools, scored by the task's verifier, group-relative advantages,
+    clipped policy-gradient steps through the training loop; held-out pass@1 / pass@k before, during, after."""
+
+    source: str = option("sft", "checkpoint to train: a stage of this run (sft) or a checkpoint folder")
+    task: str = option("arithmetic2", "RL task: gsm8k, svamp, math500, arc_easy, letter_count, spelling, "
+                                      "arithmeticD (D-digit operands); see chatforge/tasks/rl.py")
+    task_file: str = option("", "a JSONL file of {question, answer} records to train on instead of the task's "
+                                "items (scored by --task's verifier; a share is held out)")
+    format_weight: float = option(0.0, "reward added when the reply states its answer in the task's format")
+    train_items: int = option(0, "training items (0 = all; generated tasks make 2000)")
+    eval_items: int = option(100, "held-out items for pass@1 / pass@k")
+    eval_k: int = option(4, "samples per held-out item for pass@k (0 = no pass@k)")
+    gsm8k_items: int = option(50, "held-out GSM8K problems for the before/after pass@1 (0 = skip)")
+    gsm8k_max_tokens: int = option(256, "reply length for the GSM8K measurement")
+    # sampling
+    prompts_per_step: int = option(8, "task items per step")
+    group_size: int = option(8, "replies sampled per item (the group of GRPO)")
+    max_tokens: int = option(64, "reply length, tool output included")
+    temperature: float = option(1.0, "sampling temperature of the rollouts (log-probs are taken at 1)")
+    top_k: int = option(0, "top-k filter of the rollouts (0 = off)")
+    use_tools: bool = option(True, "let the model call the python sandbox while it answers")
+    max_tool_calls: int = option(2, "tool calls per reply")
+    tool_timeout: float = option(5.0, "seconds per python tool call")
+    # the update
+    loss_type: str = option("grpo_clip", "grpo_clip | reinforce_with_baseline | no_baseline")
+    normalize_by_std: bool = option(True, "divide advantages by the group's std (false: Dr. GRPO)")
+    cliprange: float = option(0.2, "PPO clip epsilon of the ratio to the sampling policy")
+    epochs: int = option(1, "optimizer steps per rollout (PPO inner epochs; > 1 needs grpo_clip)")
+    kl_coef: float = option(0.0, "k3 KL penalty to the frozen source per token (0 keeps no reference copy)")
+    device_batch_size: int = option(16, "rollout rows per forward/backward (the step's micro-batch)")
+    num_steps: int = option(40, "rollouts (each gives --epochs optimizer steps)")
+    lr_frac: float = option(0.05, "learning rates as a share of the pretraining ones below")
+    matrix_lr: float = option(0.02, "Muon learning rate for the block matrices (before lr_frac)")
+    embedding_lr: float = option(0.2, "AdamW learning rate for the embedding (before lr_frac; x (width/768)^-0.5)")
+    unembedding_lr: float = option(0.004, "AdamW learning rate for the head (before lr_frac; x (width/768)^-0.5)")
+    scalar_lr: float = option(0.02, "AdamW learning rate for norm weights (before lr_frac; x (width/768)^-0.5)")
+    warmdown_ratio: float = option(0.0, "share of steps at the end with a linear decay to 0")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)")
+    eval_every: int = option(10, "optimizer steps between held-out evaluations (0 = only at the end)")
+    checkpoint_every: int = option(10, "optimizer steps between checkpoints (0 = only at the end / on interrupt)")
+    resume: bool = option(True, "continue from this stage's last checkpoint if there is one")
+    dtype: str = option("auto", "auto | float32 | bfloat16; auto = bf16 autocast on CUDA, float32 elsewhere")
+
+
+@dataclass
 class EvalConfig(CommonConfig):
     """`chatforge eval [SOURCE]` (alias of `evaluate`): score checkpoints on the base-model suite (bits per byte, the in-context
     multiple-choice suite and CORE) and, for chat checkpoints, the chat tasks and probes; writes
@@ -411,10 +458,10 @@ class SpeedrunConfig(CommonConfig):
 # Presets: named bundles of settings, per stage. A preset only sets fields; flags still override.
 
 STAGE_CONFIGS: dict[str, type] = {"data": DataConfig, "facts": FactsConfig, "tokenizer": TokenizerConfig,
-                                  "pretrain": PretrainConfig, "index": IndexConfig, "sft": SftConfig,
+                                  "pretrain": PretrainConfig, "index": IndexConfig, "sft": SftConfig, "rl": RlConfig,
                                   "evaluate": EvalConfig, "report": ReportConfig, "speedrun": SpeedrunConfig}
 # What `chatforge speedrun` runs, in order; each name is a module chatforge.stages.<name> with run(cfg).
-PIPELINE: list[str] = ["data", "facts", "tokenizer", "pretrain", "index", "sft"]  # index: the search tool's (SFT builds search conversations from it)
+PIPELINE: list[str] = ["data", "facts", "tokenizer", "pretrain", "index", "sft", "rl"]  # index: the search tool's (SFT builds search conversations from it)
 
 # Evaluation and the report card close the pipeline, after every training stage (sft, rl, rlhf go
 # before them): evaluate scores each stage checkpoint the run has, report prints the card.

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from chatforge.common import ChatforgeError, is_complete, log0, read_done, require_stage, stage_dir, \
+from chatforge.common import ChatforgeError, is_complete, log0, read_done, source_checkpoint, stage_dir, \
     stage_run, write_json
 from chatforge.config import ConfigError, SftConfig
 from chatforge.distributed import training_process
@@ -73,17 +73,6 @@ def check_config(cfg: SftConfig) -> None:
                           f"{'replay' if cfg.replay < 0.5 else 'SFT'} row; raise the batch size or change the share")
 
 
-def source_checkpoint(cfg: SftConfig) -> Path:
-    """The checkpoint to fine-tune: a stage of this run (its checkpoint/) or a checkpoint folder."""
-    if "/" not in cfg.source and not Path(cfg.source).exists():
-        return require_stage(cfg, cfg.source) / "checkpoint"
-    p = Path(cfg.source)
-    if not (p / "config.json").is_file():
-        raise ChatforgeError(f"--source {cfg.source}: not a checkpoint folder (no config.json); give a stage of "
-                             f"this run (pretrain) or a folder like runs/tiny/pretrain/checkpoint")
-    return p
-
-
 def _run(cfg: SftConfig, d, device) -> dict:
     from chatforge.checkpoint import load_checkpoint
     from chatforge.tokenizer import Tokenizer
@@ -92,7 +81,7 @@ def _run(cfg: SftConfig, d, device) -> dict:
     if is_complete(out) and not cfg.force:
         log0(f"sft: run '{cfg.run}' is complete ({out / 'DONE'}); pass --force to train again")
         return read_done(out)
-    src = source_checkpoint(cfg)
+    src = source_checkpoint(cfg, cfg.source)
     base, info = load_checkpoint(src, "cpu")
     if info["tokenizer_dir"] is None:
         raise ChatforgeError(f"{src} has no tokenizer/ folder; SFT needs the checkpoint's own tokenizer")

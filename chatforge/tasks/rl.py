@@ -198,9 +198,20 @@ TASK_NAMES = ("gsm8k", "svamp", "math500", "arc_easy", "letter_count", "spelling
     f"arithmetic{d}" for d in range(1, 7))
 
 
+# Tasks added by users (and tests) at run time: name -> a function making the RLTask.
+REGISTERED: dict[str, Callable[[], RLTask]] = {}
+
+
+def register_task(name: str, make: Callable[[], RLTask]) -> None:
+    """Make `chatforge rl --task NAME` (and get_task) use `make()`: a task of your own, with its items
+    and verifier, from Python (e.g. a plugin module imported before the stage runs)."""
+    REGISTERED[name] = make
+
+
 def get_task(name: str, format_weight: float = 0.0) -> RLTask:
-    """The RL task `name` (TASK_NAMES, or arithmeticD for D digits), with an optional format reward."""
-    task = _task(name)
+    """The RL task `name` (TASK_NAMES, arithmeticD for D digits, or a registered one), with an optional
+    format reward."""
+    task = REGISTERED[name]() if name in REGISTERED else _task(name)
     task.format_weight = format_weight
     return task
 
