@@ -33,6 +33,8 @@ STAGES: dict[str, str] = {
 }
 # Short names typed on the command line for a stage command.
 ALIASES: dict[str, str] = {"eval": "evaluate"}
+# Other spellings of a config field's flag ("from" is a Python keyword, so not a field name).
+EXTRA_FLAGS: dict[str, list[str]] = {"from_stage": ["--from"]}
 # Stage commands that take one config field as an optional positional argument.
 POSITIONAL: dict[str, tuple[str, str]] = {
     "evaluate": ("source", "a stage of the run (pretrain, sft, rl, rlhf) or a checkpoint folder; "
@@ -66,6 +68,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
         if tp is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        flags += EXTRA_FLAGS.get(f.name, [])
         parser.add_argument(*flags, **kwargs)
 
 

@@ -452,6 +452,10 @@ class SpeedrunConfig(CommonConfig):
     preset: str = option("tiny", "preset every stage starts from")
     config: str = option("", "TOML file with a [<stage>] section per stage (flags here still win)")
     stages: list[str] = option([], "stages to run, in pipeline order (default: all of PIPELINE)")
+    from_stage: str = option("", "redo this stage and every later one, complete or not (flag: --from STAGE)")
+    only: str = option("", "redo this one stage, complete or not")
+    dry_run: bool = option(False, "print the plan (stages, what is complete, the pretraining model, tokens, FLOPs, "
+                                  "time and cost estimates) and exit")
 
 
 # ----------------------------------------------------------------------------------------------

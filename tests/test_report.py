@@ -5,6 +5,7 @@ lines up in a terminal and a self-contained HTML page, and bad eval files / runs
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,53 @@ def test_speedrun_ends_with_commands_for_the_latest_checkpoint(tmp_path):
         assert f"chatforge chat {root / stage / 'checkpoint'}" in text
         assert f"chatforge serve {root / stage / 'checkpoint'}" in text
         assert ("base model" in text) == (stage == "pretrain")
+
+
+def _fake_done(root, stages):
+    for s in stages:
+        (root / s).mkdir(parents=True, exist_ok=True)
+        (root / s / "DONE").write_text("{}")
+
+
+def test_speedrun_plan_from_only_and_dry_run(tmp_path, capsys):
+    """--dry_run lists every stage and whether it runs (complete ones are skipped), with the pretraining
+    plan; --from STAGE redoes that stage and every later one, --only STAGE just that one; a stage name
+    that is not in the pipeline is one error listing the pipeline."""
+    from chatforge.cli import build_parser
+    from chatforge.common import ChatforgeError
+    from chatforge.config import PIPELINE, SpeedrunConfig
+    from chatforge.stages import speedrun
+
+    root = tmp_path / "runs" / "tiny"
+    _fake_done(root, ["data", "facts", "tokenizer", "pretrain"])
+
+    def plan(**kw):
+        cfg = SpeedrunConfig(preset="tiny", runs_dir=str(tmp_path / "runs"), dry_run=True, **kw)
+        assert speedrun.run(cfg) is None  # a dry run trains nothing
+        out = capsys.readouterr().out
+        return {line.split()[1]: line for line in out.splitlines() if re.match(r"\s+\d+\. ", line)}, out
+
+    stages, out = plan()
+    assert list(stages) == PIPELINE
+    assert all("complete, skipped" in stages[s] for s in ("data", "facts", "tokenizer", "pretrain"))
+    assert all("complete" not in stages[s] for s in ("index", "sft", "rl"))
+    assert "parameters: 5,311,232" in out and "total FLOPs" in out and "expected wall time" in out
+    stages, _ = plan(from_stage="tokenizer")
+    assert "complete" in stages["facts"] and all("complete" not in stages[s] for s in PIPELINE[2:])
+    stages, _ = plan(only="pretrain")
+    assert list(stages) == ["pretrain"] and "complete" not in stages["pretrain"]
+    with pytest.raises(ChatforgeError, match="pipeline: data, facts"):
+        speedrun.run(SpeedrunConfig(preset="tiny", runs_dir=str(tmp_path / "runs"), only="pretrian"))
+    args = build_parser().parse_args(["speedrun", "--from", "sft", "--dry_run"])
+    assert args.from_stage == "sft" and args.dry_run == "true"
+
+
+def test_speedrun_progress_line_estimates_time_left():
+    from chatforge.stages.speedrun import TINY_SECONDS, eta, fmt_s
+
+    assert fmt_s(75) == "1:15" and fmt_s(3725) == "1:02:05"
+    assert eta("gpu", ["sft"], 0, 0) == ""  # only the tiny preset has measured stage times
+    assert eta("tiny", ["sft", "rl"], 0, 0) == f", about {fmt_s(TINY_SECONDS['sft'] + TINY_SECONDS['rl'])} left"
+    # this machine took twice the table's time so far: twice the table's time left
+    assert eta("tiny", ["sft"], 2 * TINY_SECONDS["pretrain"], TINY_SECONDS["pretrain"]) == \
+        f", about {fmt_s(2 * TINY_SECONDS['sft'])} left"
