@@ -137,6 +137,21 @@ def test_second_epoch_uses_the_sampling_policy_log_probs(real_tok):
         GrpoSettings(epochs=2, loss_type="reinforce_with_baseline").check()
 
 
+def test_kl_to_the_frozen_reference(real_tok):
+    """kl_coef > 0: the rollout carries the reference's log-probs; the k3 KL is 0 while the policy is the
+    reference and positive once it has moved. Without a reference the source refuses to start."""
+    tok, task = real_tok, digit_task()
+    model = small_gpt(tok.vocab_size)
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    s = GrpoSettings(prompts=4, group_size=4, max_tokens=6, seed=6, resample=5, kl_coef=0.1)
+    src = _source(model, tok, task, s, ref_model=ref)
+    t = _trainer(model, src, s, lr=3e-2, steps=2)
+    assert t.train_step()["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert t.train_step()["kl"] > 1e-6
+    with pytest.raises(ValueError, match="reference"):
+        _source(model, tok, task, s)
+
+
 def test_batch_source_resumes_exactly(real_tok):
     """The state (item position, rollout count, the unused micro-batches of an epoch) survives a JSON
     round trip: the resumed source returns the same batches as the uninterrupted one."""

@@ -153,7 +153,9 @@ def _stage(cfg, d, device, out, src, model, info, tok, resume, log, srun) -> dic
                             cliprange=cfg.cliprange, kl_coef=cfg.kl_coef, max_tokens=cfg.max_tokens,
                             temperature=cfg.temperature, top_k=cfg.top_k, use_tools=cfg.use_tools,
                             max_tool_calls=cfg.max_tool_calls, seed=cfg.seed + 7919 * d.rank)
-    ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef else None
+    ref = None
+    if cfg.kl_coef:  # the frozen source (a resumed run's model has moved: load the source again)
+        ref = (load_checkpoint(src, "cpu")[0].to(device) if resume else copy.deepcopy(model)).eval().requires_grad_(False)
     source = RolloutSource(engine, tok, task, train_items, settings, ref_model=ref, device=device, say=log0)
     prepared = prepare_model(model, d, device)
     opt = sft_optimizer(model, lora=False, lr_frac=cfg.lr_frac, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
