@@ -26,7 +26,6 @@ default; sampling at another temperature makes the first epoch slightly off-poli
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import torch
 from chatforge.losses import LOSS_TYPES, compute_group_normalized_rewards, get_response_log_probs, \
     grpo_microbatch_train_step, masked_mean
 from chatforge.rollout import rollout_batch
+from chatforge.stats import wilson_interval  # noqa: F401  (re-exported: grpo.wilson_interval)
 from chatforge.tasks.rl import RewardStats, RLItem, RLTask
 
 
@@ -77,18 +77,6 @@ def reply_text(tok, completion) -> str:
     if completion.finish_reason == "stop" and ids and completion.tokens and ids[-1] == completion.tokens[-1]:
         ids = ids[:-1]
     return tok.decode(ids)
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95% Wilson score interval of a success rate (stays inside [0, 1] and is sensible at 0/n,
-    where the normal approximation collapses to a point). Wilson 1927; see Brown, Cai & DasGupta 2001."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ transformers model and compare logits with ours (bench/bench_lora.py compares sp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -52,6 +53,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=dtype))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init of A
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False  # adapters_disabled(): the layer is its base Linear
 
     @property
     def in_features(self) -> int:
@@ -68,9 +70,11 @@ class LoRALinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The merged weight W + (alpha / r) B A, (out, in): what code reading `.weight` must see."""
-        return self.base.weight + self.delta()
+        return self.base.weight if self.disabled else self.base.weight + self.delta()
 
     def forward(self, x):
+        if self.disabled:
+            return self.base(x)
         lora = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (..., r) -> (..., out)
         return self.base(x) + lora * self.scaling
 
@@ -112,6 +116,27 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: fl
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """`with adapters_disabled(model):` the model computes with its base weights only (every adapter
+    off), then the adapters come back. DPO's and PPO's frozen reference is then the base model itself,
+    with no second copy of its weights in memory (as TRL does for PEFT models). Forward passes only:
+    the engine's cached CPU weights are not rebuilt for the switch. A model without adapters is an
+    error: its "reference" would silently be the policy itself."""
+    mods = list(lora_modules(model).values())
+    if not mods:
+        raise ChatforgeError("adapters_disabled: the model has no LoRA adapters, so there is no base model to "
+                             "switch to; keep a frozen copy as the reference instead")
+    before = [m.disabled for m in mods]
+    for m in mods:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, b in zip(mods, before):
+            m.disabled = b
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -409,11 +409,13 @@ class GPT(nn.Module):
         self.cos, self.sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, self.wte.weight.device)
 
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None, loss_reduction: str = "mean",
-                last_only: bool = False, weights: InferenceWeights | None = None):
+                last_only: bool = False, weights: InferenceWeights | None = None, hidden: bool = False):
         """idx (B, T) token ids. Returns logits (B, T, V), or with `targets` (B, T) the cross-entropy
         loss (targets of -1 are skipped): a scalar for "mean"/"sum", (B, T) for "none". last_only
         returns (B, 1, V) for the last position only: generation's prefill skips (T-1) x V of head work.
-        weights: `self.inference_weights()` for generation (the engine passes them), else None."""
+        weights: `self.inference_weights()` for generation (the engine passes them), else None.
+        hidden: return the final-norm hidden states (B, T, C) instead of logits, for heads of one's
+        own on the same forward pass (the reward model's scalar head, chatforge/reward_model.py)."""
         B, T = idx.shape
         T0 = 0 if kv_cache is None else kv_cache.pos
         if T0 + T > self.cos.size(0):
@@ -445,6 +447,8 @@ class GPT(nn.Module):
         if last_only:
             x = x.view(B, T, -1)[:, -1]  # (B, C)
         x = rms_norm(x, self.norm_f.weight, self.config.norm_eps)
+        if hidden:
+            return x.view(B, 1 if last_only else T, -1)  # (B, T, C)
         # The transposed head copy is faster for 1-3 rows, the model's own (V, C) weight from 4 rows
         # on (MKL, torch 2.13, one thread: 55 vs 61 us at one row, 229 vs 263 us at 8 x 256 x 4096).
         if weights is not None and x.size(0) < 4:
