@@ -66,8 +66,13 @@ def split_of(key: str, val_fraction: float) -> str:
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ChatforgeError(f"val_fraction {val_fraction}: must be in [0, 1)")
-    u = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2 ** 64
-    return "val" if u < val_fraction else "train"
+    return "val" if hash_unit(key) < val_fraction else "train"
+
+
+def hash_unit(key: str) -> float:
+    """A key's fixed place in [0, 1): the first 8 bytes of sha256(key) as a fraction (what split_of and
+    the preference splits cut)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2 ** 64
 
 
 def _check_split(split: str) -> None:
