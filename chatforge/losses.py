@@ -324,3 +324,37 @@ def grpo_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: to
         if "clipped" in pg_meta:
             meta["clip_fraction"] = (pg_meta["clipped"].to(mask.dtype) * mask).sum() / n_tokens.clamp(min=1.0)
     return loss, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Preferences (reward models, DPO)
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """The reward model's pairwise loss, mean over pairs: -log sigmoid(r_chosen - r_rejected), both (B,).
+
+    Bradley & Terry 1952: P(chosen preferred) = sigmoid(r_chosen - r_rejected); InstructGPT's reward model
+    (https://arxiv.org/abs/2203.02155, eq. 1). logsigmoid keeps it finite for large margins. Two pairs
+    with margins 0 and 2: (log 2 + log(1 + e^-2)) / 2.
+
+    >>> round(float(bradley_terry_loss(torch.tensor([1., 3.]), torch.tensor([1., 1.]))), 4)
+    0.41
+    """
+    return -F.logsigmoid(chosen_rewards.float() - rejected_rewards.float()).mean()
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Direct Preference Optimization (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290, eq. 7) from
+    the summed log-probabilities of each reply, all (B,):
+
+        implicit reward  r(y) = beta * (log pi(y|x) - log pi_ref(y|x))
+        loss             -log sigmoid(r(chosen) - r(rejected)), mean over pairs
+
+    Returns (loss, {"chosen_rewards", "rejected_rewards", "margins" (B,) detached}). With the policy equal
+    to the reference every margin is 0 and the loss is log 2."""
+    chosen = beta * (policy_chosen_logps.float() - ref_chosen_logps.float())  # (B,)
+    rejected = beta * (policy_rejected_logps.float() - ref_rejected_logps.float())  # (B,)
+    margins = chosen - rejected  # (B,)
+    return -F.logsigmoid(margins).mean(), {"chosen_rewards": chosen.detach(), "rejected_rewards": rejected.detach(),
+                                           "margins": margins.detach()}

@@ -268,6 +268,12 @@ class Checkpointer:
         except (ChatforgeError, OSError):
             return "?"
 
+    def payload(self, model) -> tuple[Any, dict | None]:
+        """(what save_checkpoint writes as the model, {file: tensors} written beside it). A model that is
+        more than a GPT overrides this: the reward model saves its backbone as the checkpoint's model and
+        its scalar head in a file of its own (chatforge/reward_model.py)."""
+        return model, None
+
     def save(self, trainer: "Trainer") -> None:
         """Gather (every rank: FSDP collectives) and write (rank 0) a checkpoint of `trainer`."""
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -285,10 +291,12 @@ class Checkpointer:
             if hasattr(trainer.batches, "state_dict"):
                 s.data = trainer.batches.state_dict()
             weights = _FullWeights(raw.config, model_sd) if model_sd is not None else raw
+            weights, extra = self.payload(weights)
             train_state = {**s.state_dict(), "rng": rng_state(trainer.device), "world_size": trainer.dist.world,
                            "num_steps": trainer.config.num_steps, **self.extra_state}
             save_checkpoint(self.path, weights, tokenizer_dir=self.tokenizer_dir, optimizer_state=opt_sd,
-                            train_state=train_state, meta={**self.meta, "step": s.step, **s.metrics})
+                            train_state=train_state, meta={**self.meta, "step": s.step, **s.metrics},
+                            extra_tensors=extra)
             trainer.log(event="checkpoint", step=s.step, seconds=round(time.time() - t0, 3))
         barrier(trainer.dist)
 
