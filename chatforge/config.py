@@ -391,6 +391,64 @@ class RlConfig(CommonConfig):
 
 
 @dataclass
+class RlhfConfig(CommonConfig):
+    """`chatforge rlhf ACTION`: learning from human preferences. `rm` trains a reward model (Bradley-Terry on
+    preference pairs; held-out pairwise accuracy per source with a 95% interval), `dpo` trains the policy with
+    Direct Preference Optimization (held-out implicit reward margin and preferred-reply rate before / after),
+    `score` scores replies with a trained reward model, `all` runs rm then dpo (the pipeline's step)."""
+
+    action: str = option("all", "rm | dpo | score | all (rm, then dpo)")
+    source: str = option("auto", "the policy DPO trains: a stage of this run (rl, sft) or a checkpoint folder; "
+                                 "auto = rl when that stage is complete, else sft")
+    rm_source: str = option("sft", "the reward model's backbone: a stage of this run or a checkpoint folder")
+    # data (chatforge/tasks/preferences.py)
+    rm_data: list[str] = option(["polite", "arithmetic", "hh", "oasst"],
+                                "reward model pairs: hh, oasst, polite, arithmetic (controlled) or .jsonl[.gz] files of "
+                                "{chosen, rejected} transcripts; accuracy is reported per source")
+    dpo_data: list[str] = option(["polite", "hh"], "DPO pairs (same names as --rm_data)")
+    train_pairs: int = option(0, "training pairs per source (0 = all of its train split)")
+    eval_pairs: int = option(200, "held-out pairs per source for the accuracies (0 = all of its val split)")
+    controlled_pairs: int = option(1000, "pairs generated per controlled set before the split")
+    val_fraction: float = option(0.2, "share of each source held out for the accuracies (by a hash of the prompt)")
+    judge_fraction: float = option(0.2, "a further disjoint share kept for a second, held-out judge reward model")
+    max_seq_len: int = option(0, "tokens per prompt + reply; 0 = the checkpoint's context. Longer prompts lose "
+                                 "their oldest turns, pairs that still do not fit are dropped and counted")
+    batch_size: int = option(8, "pairs per micro-batch (2 rows each)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    # reward model
+    rm_steps: int = option(200, "reward model optimizer steps")
+    rm_lr: float = option(3e-4, "AdamW learning rate of the reward model (backbone and head)")
+    # DPO
+    dpo_steps: int = option(100, "DPO optimizer steps")
+    beta: float = option(0.1, "DPO beta: the implicit reward's scale; smaller lets the policy move further")
+    nll_coef: float = option(0.0, "weight of an NLL term on the chosen reply (RPO); 0 = plain DPO")
+    lora_rank: int = option(0, "DPO with LoRA adapters of this rank (the reference is then the base weights with "
+                               "the adapters off); 0 = full fine-tuning against a frozen copy")
+    lora_alpha: float = option(16.0, "LoRA scale numerator (update = alpha/rank * B A)")
+    lora_targets: list[str] = option(["c_q", "c_k", "c_v", "attn.c_proj", "c_gate", "c_up", "mlp.c_proj"],
+                                     "Linear layers that get adapters")
+    lora_lr: float = option(2e-3, "AdamW learning rate of the LoRA adapters")
+    lr_frac: float = option(0.05, "full fine-tuning: DPO learning rates as a share of the pretraining ones below")
+    matrix_lr: float = option(0.02, "Muon learning rate for the block matrices (before lr_frac)")
+    embedding_lr: float = option(0.2, "AdamW learning rate for the embedding (before lr_frac; x (width/768)^-0.5)")
+    unembedding_lr: float = option(0.004, "AdamW learning rate for the head (before lr_frac; x (width/768)^-0.5)")
+    scalar_lr: float = option(0.02, "AdamW learning rate for norm weights (before lr_frac; x (width/768)^-0.5)")
+    warmdown_ratio: float = option(0.2, "share of steps at the end with a linear decay to 0")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)")
+    eval_every: int = option(50, "steps between held-out measurements (0 = only at the end)")
+    checkpoint_every: int = option(50, "steps between checkpoints (0 = only at the end / on interrupt)")
+    resume: bool = option(True, "continue from this action's last checkpoint if there is one")
+    dtype: str = option("auto", "auto | float32 | bfloat16; auto = bf16 autocast on CUDA, float32 elsewhere")
+    # score
+    rm: str = option("", "score: the reward model checkpoint (default: this run's rlhf/rm/checkpoint)")
+    prompt: str = option("", "score: the user message the replies answer")
+    replies: str = option("", "score: the replies to score, separated by '||' (e.g. \"Sure, it is 4.||Go away.\")")
+    score_file: str = option("", "score: a JSONL file of {prompt or messages, reply or replies} records instead")
+
+    ACTIONS = ("rm", "dpo", "score", "all")
+
+
+@dataclass
 class EvalConfig(CommonConfig):
     """`chatforge eval [SOURCE]` (alias of `evaluate`): score checkpoints on the base-model suite (bits per byte, the in-context
     multiple-choice suite and CORE) and, for chat checkpoints, the chat tasks and probes; writes
@@ -463,7 +521,7 @@ class SpeedrunConfig(CommonConfig):
 
 STAGE_CONFIGS: dict[str, type] = {"data": DataConfig, "facts": FactsConfig, "tokenizer": TokenizerConfig,
                                   "pretrain": PretrainConfig, "index": IndexConfig, "sft": SftConfig, "rl": RlConfig,
-                                  "evaluate": EvalConfig, "report": ReportConfig, "speedrun": SpeedrunConfig}
+                                  "rlhf": RlhfConfig, "evaluate": EvalConfig, "report": ReportConfig, "speedrun": SpeedrunConfig}
 # What `chatforge speedrun` runs, in order; each name is a module chatforge.stages.<name> with run(cfg).
 PIPELINE: list[str] = ["data", "facts", "tokenizer", "pretrain", "index", "sft", "rl"]  # index: the search tool's (SFT builds search conversations from it)
 

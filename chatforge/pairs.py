@@ -109,3 +109,23 @@ class PairSource:
 
     def load_state_dict(self, d: dict) -> None:
         self.cursor = int(d["cursor"])
+
+
+def load_encoded(tok, names: list[str], split: str, max_len: int, *, limit: int = 0, data_dir: str = "",
+                 val_fraction: float = 0.1, judge_fraction: float = 0.0, seed: int = 0,
+                 controlled_n: int = 1000) -> tuple[dict[str, list[EncodedPair]], dict[str, dict]]:
+    """({source: encoded pairs of `split`}, {source: counts}) for several sources of
+    chatforge/tasks/preferences.py; the counts hold the records read, the pairs given and every pair left
+    out by reason (bad records, other splits, too long for max_len)."""
+    from chatforge.tasks.conversations import SourceStats
+    from chatforge.tasks.preferences import load_pairs
+
+    out, counts = {}, {}
+    for name in names:
+        stats = SourceStats(name)
+        pairs = load_pairs(name, split, data_dir, limit=limit, val_fraction=val_fraction,
+                           judge_fraction=judge_fraction, seed=seed, controlled_n=controlled_n, stats=stats)
+        out[name] = encode_pairs(tok, pairs, max_len, stats.skipped)
+        counts[name] = dict(stats.as_dict(), pairs=len(out[name]))
+        counts[name].pop("conversations")
+    return out, counts

@@ -1,0 +1,327 @@
+"""`chatforge rlhf ACTION`: learning from human preferences, after RL.
+
+    chatforge rlhf rm  --preset tiny        # reward model on HH, OASST and the controlled sets, from runs/tiny/sft
+    chatforge rlhf dpo --preset tiny        # DPO of the policy (runs/tiny/rl, else sft) on preference pairs
+    chatforge rlhf --preset tiny            # both (the pipeline's step)
+    chatforge rlhf score --run tiny --prompt "What is 2 + 2?" --replies "It is 4.||Figure it out yourself."
+
+Wiring only: the pairs (tasks/preferences.py, pairs.py), the reward model (reward_model.py), DPO (dpo.py),
+LoRA (lora.py), the one training loop (train_loop.py).
+
+Outputs in runs/<run>/rlhf/:
+
+    rm/checkpoint/     the reward model: backbone checkpoint + reward_head.safetensors ("reward_model": true)
+    rm/summary.json    held-out pairwise accuracy per source with its 95% Wilson interval, pair counts and
+                       skip reasons (also in rm/DONE); rm/metrics.jsonl per step (loss, accuracy, margin)
+    dpo/checkpoint/    the DPO policy: the run's "rlhf" checkpoint (`chatforge chat runs/<run>/rlhf/dpo/checkpoint`)
+    dpo/summary.json   before / after per source: implicit reward margin, preferred-reply rate (95% interval),
+                       preferred-logprob rate; dpo/metrics.jsonl per step
+    DONE               when both are complete
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from chatforge.common import ChatforgeError, is_complete, log0, read_done, source_checkpoint, stage_dir, \
+    stage_run, write_json
+from chatforge.config import ConfigError, RlhfConfig
+from chatforge.distributed import training_process
+
+
+def run(cfg: RlhfConfig) -> dict:
+    check_config(cfg)
+    if cfg.action == "score":
+        return score(cfg)
+    out = {}
+    with training_process(cfg.threads, cfg.device) as (d, device):
+        for action in (("rm", "dpo") if cfg.action == "all" else (cfg.action,)):
+            out[action] = (_train_rm if action == "rm" else _train_dpo)(cfg, d, device)
+    root = stage_dir(cfg, "rlhf")
+    if d.master and all(is_complete(root / a) for a in ("rm", "dpo")):
+        write_json(root / "DONE", {"stage": "rlhf", "rm": read_done(root / "rm"), "dpo": read_done(root / "dpo")})
+    return out
+
+
+def check_config(cfg: RlhfConfig) -> None:
+    def need(ok, name, what):
+        if not ok:
+            raise ConfigError(f"--{name} {getattr(cfg, name)}: must be {what}")
+    need(cfg.action in cfg.ACTIONS, "action", " | ".join(cfg.ACTIONS))
+    for n in ("batch_size", "grad_accum"):
+        need(getattr(cfg, n) >= 1, n, "at least 1")
+    for n in ("rm_steps", "dpo_steps", "train_pairs", "eval_pairs", "controlled_pairs", "max_seq_len", "nll_coef",
+              "lora_rank", "eval_every", "checkpoint_every"):
+        need(getattr(cfg, n) >= 0, n, "at least 0")
+    need(cfg.beta > 0, "beta", "positive")
+    need(cfg.rm_lr > 0 and cfg.lr_frac > 0 and cfg.lora_lr > 0, "rm_lr", "positive (and --lr_frac, --lora_lr too)")
+    need(0 < cfg.val_fraction and 0 <= cfg.judge_fraction and cfg.val_fraction + cfg.judge_fraction < 1,
+         "val_fraction", "in (0, 1), with --judge_fraction, together below 1")
+    need(0 <= cfg.warmdown_ratio <= 1, "warmdown_ratio", "in [0, 1]")
+    need(cfg.dtype in ("auto", "float32", "bfloat16"), "dtype", "auto, float32 or bfloat16")
+
+
+def policy_source(cfg) -> Path:
+    if cfg.source == "auto":
+        return source_checkpoint(cfg, "rl" if is_complete(stage_dir(cfg, "rl")) else "sft")
+    return source_checkpoint(cfg, cfg.source)
+
+
+def _prepare(cfg, d, action: str, src):
+    """(out dir, tokenizer, tokenizer dir, resume?) or (out, None, ...) when the action is complete."""
+    from chatforge.checkpoint import read_config
+    from chatforge.tokenizer import Tokenizer
+
+    out = stage_dir(cfg, f"rlhf/{action}")
+    if is_complete(out) and not cfg.force:
+        log0(f"rlhf {action}: run '{cfg.run}' is complete ({out / 'DONE'}); pass --force to train again")
+        return out, None, None, False
+    if cfg.force and d.master:
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+        for f in ("metrics.jsonl", "summary.json", "before.json"):
+            (out / f).unlink(missing_ok=True)
+    tok_dir = Path(src) / "tokenizer"
+    if not tok_dir.is_dir():
+        raise ChatforgeError(f"{src} has no tokenizer/ folder; RLHF needs the checkpoint's own tokenizer")
+    tok = Tokenizer.load(tok_dir)
+    if "<|assistant_start|>" not in (tok.special_tokens or {}):
+        raise ChatforgeError(f"{src}: the tokenizer has no chat tokens; RLHF starts from a chat (SFT) checkpoint")
+    resume = cfg.resume and not cfg.force and (out / "checkpoint" / "state.json").exists()
+    if resume:
+        saved = read_config(out / "checkpoint").get("source")
+        if saved is not None and saved != str(src):
+            raise ChatforgeError(f"{out / 'checkpoint'} was trained from {saved}, this run starts from {src}; keep "
+                                 f"the source to resume or pass --force to start over")
+    return out, tok, tok_dir, resume
+
+
+def _data(cfg, tok, names, max_len, log):
+    from chatforge.pairs import load_encoded
+
+    kw = dict(data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, judge_fraction=cfg.judge_fraction, seed=cfg.seed,
+              controlled_n=cfg.controlled_pairs)
+    train, counts = load_encoded(tok, names, "train", max_len, limit=cfg.train_pairs, **kw)
+    val, val_counts = load_encoded(tok, names, "val", max_len, limit=cfg.eval_pairs, **kw)
+    for n in names:
+        log0(f"  {n}: {len(train[n]):,} training pairs, {len(val[n]):,} held out; skipped {counts[n]['skipped']}")
+        if not val[n]:
+            raise ChatforgeError(f"preference source {n}: no held-out pairs fit {max_len} tokens; raise --max_seq_len "
+                                 f"or --val_fraction")
+    pairs = [p for n in names for p in train[n]]
+    if not pairs:
+        raise ChatforgeError(f"no training pairs in {', '.join(names)} fit {max_len} tokens")
+    log(event="data", train=counts, val=val_counts)
+    return pairs, val, {"train": counts, "val": val_counts}
+
+
+def _loop(cfg, steps, best, name):
+    from chatforge.train_loop import LoopConfig
+
+    return LoopConfig(num_steps=steps, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, eval_every=cfg.eval_every,
+                      checkpoint_every=cfg.checkpoint_every, best_metric=best, best_higher=True, name=name,
+                      diverge_hint="lower the learning rate")
+
+
+def _schedule(cfg, steps):
+    from chatforge.optim import lr_multiplier
+
+    warmdown = round(cfg.warmdown_ratio * steps)
+    return lambda step: lr_multiplier(step, steps, 0, warmdown, 0.0)
+
+
+def _train_rm(cfg, d, device) -> dict:
+    from chatforge.checkpoint import load_checkpoint
+    from chatforge.finetune import extend_context
+    from chatforge.pairs import PairSource
+    from chatforge.reward_model import RewardCheckpointer, RewardModel, load_reward_model, pair_accuracy, rm_loss
+    from chatforge.rng import seed_everything
+    from chatforge.train_loop import Trainer, prepare_model
+
+    src = source_checkpoint(cfg, cfg.rm_source)
+    out, tok, tok_dir, resume = _prepare(cfg, d, "rm", src)
+    if tok is None:
+        return read_done(out)
+    seed_everything(cfg.seed)
+    rm, info = load_reward_model(out / "checkpoint") if resume else (RewardModel(load_checkpoint(src)[0]), None)
+    max_len = cfg.max_seq_len or rm.config.max_seq_len
+    extend_context(rm.backbone, max(max_len, rm.config.max_seq_len))  # longer: RoPE tables extended
+    with (stage_run(cfg, "rlhf/rm") if d.master else contextlib.nullcontext()) as srun:
+        log = srun.log if srun is not None else (lambda **r: None)
+        log0(f"rlhf rm: reward model from {src}, pairs of {', '.join(cfg.rm_data)} (<= {max_len} tokens):")
+        pairs, val, counts = _data(cfg, tok, cfg.rm_data, max_len, log)
+        rm = rm.to(device)
+        opt = torch.optim.AdamW(rm.parameters(), lr=cfg.rm_lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+        def evaluate(t) -> dict:
+            r = {n: pair_accuracy(rm, v, tok.bos_id, cfg.batch_size, device) for n, v in val.items()}
+            t.write(f"step {t.state.step:,}: held-out accuracy " + ", ".join(f"{n} {x['accuracy']:.1%}" for n, x in r.items()))
+            res = {f"{n}/{k}": v for n, x in r.items() for k, v in x.items()}
+            res["accuracy"] = sum(x["accuracy"] * x["n"] for x in r.values()) / sum(x["n"] for x in r.values())
+            return res
+
+        ck = RewardCheckpointer(out / "checkpoint", tokenizer_dir=tok_dir,
+                                meta={"stage": "rlhf", "action": "rm", "run": cfg.run, "source": str(src)})
+        trainer = Trainer(prepare_model(rm, d, device), opt, rm_loss,
+                          PairSource(pairs, cfg.batch_size, tok.bos_id, cfg.seed + d.rank, device),
+                          _loop(cfg, cfg.rm_steps, "accuracy", "rlhf rm"), dist=d, device=device, amp_dtype=_amp(cfg, device),
+                          evaluate=evaluate if d.master else None, checkpointer=ck, log=log,
+                          lr_schedule=_schedule(cfg, cfg.rm_steps))
+        if resume:
+            trainer.resume(info)
+        state = trainer.run()
+        if not d.master:
+            return {}
+        after = {n: pair_accuracy(rm, v, tok.bos_id, cfg.batch_size, device) for n, v in val.items()}
+        summary = {"source": str(src), "steps": state.step, "train_seconds": round(state.train_time, 1),
+                   "accuracy": after, "pairs": counts, "checkpoint": str(out / "checkpoint")}
+        log(event="after", **{f"{n}/{k}": v for n, x in after.items() for k, v in x.items()})
+        write_json(out / "summary.json", summary)
+        srun.finish(summary)
+        log0(f"rlhf rm done: {state.step} steps in {state.train_time:.0f} s; held-out pairwise accuracy:")
+        for n, x in after.items():
+            chance = "above chance" if x["accuracy_low"] > 0.5 else "not above chance"
+            log0(f"  {n:<11} {x['accuracy']:.1%} [{x['accuracy_low']:.1%}, {x['accuracy_high']:.1%}] of {x['n']} "
+                 f"({chance})")
+        return summary
+
+
+def _amp(cfg, device):
+    return torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else None
+
+
+def _train_dpo(cfg, d, device) -> dict:
+    from chatforge.checkpoint import load_checkpoint
+    from chatforge.dpo import dpo_train_loss, evaluate_dpo
+    from chatforge.finetune import AdapterCheckpointer, extend_context, load_adapters, sft_optimizer
+    from chatforge.lora import apply_lora
+    from chatforge.pairs import PairSource
+    from chatforge.reward_model import check_tokenizers
+    from chatforge.rng import seed_everything
+    from chatforge.tokenizer import Tokenizer
+    from chatforge.train_loop import Checkpointer, Trainer, prepare_model
+
+    src = policy_source(cfg)
+    out, tok, tok_dir, resume = _prepare(cfg, d, "dpo", src)
+    if tok is None:
+        return read_done(out)
+    rm_tok = stage_dir(cfg, "rlhf/rm") / "checkpoint" / "tokenizer"
+    if rm_tok.is_dir():  # the reward model judges this policy's replies later: same ids or nothing
+        check_tokenizers(Tokenizer.load(rm_tok), tok, rm_tok.parent, src)
+    seed_everything(cfg.seed)
+    lora = cfg.lora_rank > 0
+    ck_path = out / "checkpoint"
+    model, info = load_checkpoint(ck_path if resume and not lora else src)
+    max_len = cfg.max_seq_len or model.config.max_seq_len
+    max_len_model = max(max_len, model.config.max_seq_len)
+    extend_context(model, max_len_model)
+    reference = None
+    if lora:  # the reference is the base weights with the adapters off: no second copy
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, 0.0, cfg.lora_targets)
+        if resume:
+            load_adapters(model, ck_path)
+            info = load_checkpoint(ck_path)[1]
+    else:  # a resumed run's model has moved: the reference is the source again
+        reference = extend_context(load_checkpoint(src)[0], max_len_model) if resume else copy.deepcopy(model)
+        reference = reference.to(device).eval().requires_grad_(False)
+    model = model.to(device)
+    with (stage_run(cfg, "rlhf/dpo") if d.master else contextlib.nullcontext()) as srun:
+        log = srun.log if srun is not None else (lambda **r: None)
+        log0(f"rlhf dpo: policy {src} ({'LoRA rank ' + str(cfg.lora_rank) if lora else 'full'}, beta {cfg.beta}), "
+             f"pairs of {', '.join(cfg.dpo_data)}:")
+        pairs, val, counts = _data(cfg, tok, cfg.dpo_data, max_len, log)
+
+        def measure():
+            return {n: evaluate_dpo(model, reference, v, tok.bos_id, cfg.beta, cfg.batch_size, device) for n, v in val.items()}
+
+        summary = {"source": str(src), "beta": cfg.beta, "nll_coef": cfg.nll_coef, "lora_rank": cfg.lora_rank,
+                   "pairs": counts}
+        if d.master:
+            if resume and (out / "before.json").exists():
+                summary["before"] = json.loads((out / "before.json").read_text())
+            else:
+                summary["before"] = measure()
+                write_json(out / "before.json", summary["before"])
+                log(event="before", **_flat(summary["before"]))
+        opt = sft_optimizer(model, lora=lora, lr_frac=cfg.lr_frac, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
+                            unembedding_lr=cfg.unembedding_lr, scalar_lr=cfg.scalar_lr, lora_lr=cfg.lora_lr)
+
+        def evaluate(t) -> dict:
+            r = measure()
+            t.write(f"step {t.state.step:,}: held-out " + ", ".join(
+                f"{n} margin {x['margin']:.3f} preferred {x['implicit_accuracy']:.1%}" for n, x in r.items()))
+            res = _flat(r)
+            res["implicit_accuracy"] = sum(x["implicit_accuracy"] * x["n"] for x in r.values()) / sum(x["n"] for x in r.values())
+            return res
+
+        kind = AdapterCheckpointer if lora else Checkpointer
+        ck = kind(ck_path, tokenizer_dir=tok_dir, meta={"stage": "rlhf", "action": "dpo", "run": cfg.run,
+                                                        "source": str(src)},
+                  extra_state={"lora_rank": cfg.lora_rank, "source": str(src)})
+        trainer = Trainer(prepare_model(model, d, device), opt, dpo_train_loss(cfg.beta, cfg.nll_coef, reference),
+                          PairSource(pairs, cfg.batch_size, tok.bos_id, cfg.seed + d.rank, device),
+                          _loop(cfg, cfg.dpo_steps, "implicit_accuracy", "rlhf dpo"), dist=d, device=device,
+                          amp_dtype=_amp(cfg, device), evaluate=evaluate if d.master else None, checkpointer=ck,
+                          log=log, lr_schedule=_schedule(cfg, cfg.dpo_steps))
+        if resume:
+            trainer.resume(info)
+        state = trainer.run()
+        if not d.master:
+            return {}
+        summary.update(after=measure(), steps=state.step, train_seconds=round(state.train_time, 1), checkpoint=str(ck_path))
+        log(event="after", **_flat(summary["after"]))
+        write_json(out / "summary.json", summary)
+        srun.finish(summary)
+        log0(f"rlhf dpo done: {state.step} steps in {state.train_time:.0f} s; checkpoint {ck_path}; held-out:")
+        for n, a in summary["after"].items():
+            b = summary["before"][n]
+            log0(f"  {n:<11} margin {b['margin']:.3f} -> {a['margin']:.3f}; preferred (implicit) "
+                 f"{b['implicit_accuracy']:.1%} -> {a['implicit_accuracy']:.1%} [{a['implicit_accuracy_low']:.1%}, "
+                 f"{a['implicit_accuracy_high']:.1%}]; preferred by log-prob {b['preferred_logprob_rate']:.1%} -> "
+                 f"{a['preferred_logprob_rate']:.1%} (of {a['n']})")
+        return summary
+
+
+def _flat(r: dict) -> dict:
+    return {f"{n}/{k}": v for n, x in r.items() for k, v in x.items() if isinstance(v, (int, float))}
+
+
+def score(cfg) -> dict:
+    """Score replies to a prompt (or the records of --score_file) with a trained reward model; prints them."""
+    from chatforge.reward_model import load_reward_model, score_replies
+    from chatforge.tokenizer import Tokenizer
+
+    path = Path(cfg.rm) if cfg.rm else stage_dir(cfg, "rlhf/rm") / "checkpoint"
+    if not (path / "config.json").is_file():
+        raise ChatforgeError(f"no reward model at {path}; train one with `chatforge rlhf rm --run {cfg.run}` or "
+                             f"pass --rm CHECKPOINT")
+    rm, info = load_reward_model(path)
+    if info["tokenizer_dir"] is None:
+        raise ChatforgeError(f"{path} has no tokenizer/ folder")
+    tok = Tokenizer.load(info["tokenizer_dir"])
+    if cfg.score_file:
+        try:
+            records = [json.loads(line) for line in open(cfg.score_file, encoding="utf-8") if line.strip()]
+        except (OSError, json.JSONDecodeError) as e:
+            raise ChatforgeError(f"--score_file {cfg.score_file}: not a readable JSONL file ({e})") from None
+    elif cfg.prompt and cfg.replies:
+        records = [{"prompt": cfg.prompt, "replies": cfg.replies.split("||")}]
+    else:
+        raise ChatforgeError("give --prompt TEXT and --replies 'A||B' (or --score_file FILE.jsonl) to score")
+    results = []
+    for i, r in enumerate(records):
+        msgs = r.get("messages") or [{"role": "user", "content": r.get("prompt", "")}]
+        replies = r.get("replies") or [r.get("reply", "")]
+        if not isinstance(msgs, list) or not all(isinstance(x, str) for x in replies):
+            raise ChatforgeError(f"record {i + 1}: needs 'prompt' (text) or 'messages' and 'reply' or 'replies' (text)")
+        scores = score_replies(rm, tok, msgs, [x.strip() for x in replies], cfg.max_seq_len)
+        results.append({"prompt": msgs[-1].get("content", ""), "replies": replies, "scores": scores})
+        print(f"prompt: {msgs[-1].get('content', '')}")
+        for reply, s in sorted(zip(replies, scores), key=lambda x: -x[1]):
+            print(f"  {s:+8.3f}  {reply.strip()[:100]}")
+    return {"rm": str(path), "results": results}
