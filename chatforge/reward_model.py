@@ -37,6 +37,10 @@ class RewardModel(nn.Module):
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
+        if not backbone.config.tie_embeddings:
+            # The LM head is never used here: frozen, it gets no optimizer state (which a resume expects of
+            # every trainable parameter). Tied, it is the embedding and trains as such.
+            backbone.lm_head.weight.requires_grad_(False)
         # Zero init: every reply scores 0 at the start, so the first loss is exactly log 2 (a check).
         self.head = nn.Linear(backbone.config.n_embd, 1, bias=False)  # a bias cancels in every difference
         nn.init.zeros_(self.head.weight)

@@ -156,7 +156,9 @@ def _train_rm(cfg, d, device) -> dict:
         log0(f"rlhf rm: reward model from {src}, pairs of {', '.join(cfg.rm_data)} (<= {max_len} tokens):")
         pairs, val, counts = _data(cfg, tok, cfg.rm_data, max_len, log)
         rm = rm.to(device)
-        opt = torch.optim.AdamW(rm.parameters(), lr=cfg.rm_lr, betas=(0.9, 0.95), weight_decay=0.0)
+        params = [p for p in rm.parameters() if p.requires_grad]  # initial_lr: the schedule's base, saved and resumed
+        opt = torch.optim.AdamW([{"params": params, "lr": cfg.rm_lr, "initial_lr": cfg.rm_lr}], betas=(0.9, 0.95),
+                                weight_decay=0.0)
 
         def evaluate(t) -> dict:
             r = {n: pair_accuracy(rm, v, tok.bos_id, cfg.batch_size, device) for n, v in val.items()}
