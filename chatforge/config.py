@@ -523,7 +523,7 @@ STAGE_CONFIGS: dict[str, type] = {"data": DataConfig, "facts": FactsConfig, "tok
                                   "pretrain": PretrainConfig, "index": IndexConfig, "sft": SftConfig, "rl": RlConfig,
                                   "rlhf": RlhfConfig, "evaluate": EvalConfig, "report": ReportConfig, "speedrun": SpeedrunConfig}
 # What `chatforge speedrun` runs, in order; each name is a module chatforge.stages.<name> with run(cfg).
-PIPELINE: list[str] = ["data", "facts", "tokenizer", "pretrain", "index", "sft", "rl"]  # index: the search tool's (SFT builds search conversations from it)
+PIPELINE: list[str] = ["data", "facts", "tokenizer", "pretrain", "index", "sft", "rl", "rlhf"]  # index: the search tool's (SFT builds search conversations from it)
 
 # Evaluation and the report card close the pipeline, after every training stage (sft, rl, rlhf go
 # before them): evaluate scores each stage checkpoint the run has, report prints the card.
@@ -595,6 +595,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "gsm8k_tools": 0.01, "synthetic": 60, "identity": 200, "search": 40, "val_conversations": 100,
             "device_batch_size": 8, "num_epochs": 1.0, "lr_frac": 0.5, "lora_lr": 3e-3, "eval_every": 50,
             "checkpoint_every": 50, "check_n": 30, "bpb_tokens": 32768,
+        },
+        # Reward model then DPO, sized for the issue's 8 minutes on 2 cores. Timed with a random depth-4
+        # model of the tiny shape, one thread on the loaded shared machine: ~1.0 s per reward-model step and
+        # ~1.4 s per DPO step at 8 pairs, plus ~40 s of held-out measurements -> about 5-6 minutes here;
+        # not yet timed inside a real speedrun. Pairs are cut at 256 tokens (HH keeps ~90%, OASST ~35%).
+        "rlhf": {
+            "max_seq_len": 256, "train_pairs": 400, "eval_pairs": 100, "batch_size": 8, "rm_steps": 150,
+            "dpo_steps": 80, "eval_every": 50, "checkpoint_every": 50,
         },
     },
     # One GPU, a few hours; the tokenizer matches nanochat's size class.

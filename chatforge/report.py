@@ -38,7 +38,8 @@ from chatforge.evaluate import GROUPS, PROBES, TASKS, read_eval
 from chatforge.tasks.mc import CORE_TASKS
 
 # Checkpoint stages in pipeline order: (report label, stage folder).
-CHECKPOINT_STAGES: list[tuple[str, str]] = [("base", "pretrain"), ("sft", "sft"), ("rl", "rl"), ("rlhf", "rlhf")]
+# RLHF's checkpoint is its DPO policy (runs/<run>/rlhf/dpo/checkpoint; rlhf/rm holds the reward model).
+CHECKPOINT_STAGES: list[tuple[str, str]] = [("base", "pretrain"), ("sft", "sft"), ("rl", "rl"), ("rlhf", "rlhf/dpo")]
 LABEL_TITLES = {"base": "BASE", "sft": "SFT", "rl": "RL", "rlhf": "RLHF"}
 PIPELINE_STAGES = ["data", "tokenizer", "pretrain", "index", "sft", "rl", "rlhf", "eval"]
 # What each training stage's curves plot: metrics.jsonl keys, first found wins per panel.
@@ -46,9 +47,11 @@ CURVES: dict[str, list[tuple[str, list[str]]]] = {
     "pretrain": [("train loss (nats/token)", ["smooth_loss", "loss"]), ("validation bits per byte", ["val_bpb"])],
     "sft": [("train loss", ["smooth_loss", "loss"]), ("validation loss", ["val_loss", "val_bpb"])],
     "rl": [("reward", ["reward", "mean_reward"]), ("pass@1", ["pass@1", "accuracy"]), ("KL", ["kl"])],
-    "rlhf": [("reward", ["reward", "mean_reward"]), ("KL", ["kl"]),
-             ("judge score", ["judge", "judge_score", "win_rate"])],
+    "rlhf": [("DPO loss", ["smooth_loss", "loss"]), ("held-out implicit reward margin", ["polite/margin", "margin"]),
+             ("reward", ["reward", "mean_reward"]), ("KL", ["kl"]), ("judge score", ["judge", "judge_score", "win_rate"])],
 }
+# Where a stage's curves are read from, when not <stage>/metrics.jsonl.
+CURVE_FILES: dict[str, str] = {"rlhf": "dpo/metrics.jsonl"}
 
 
 @dataclass
@@ -437,7 +440,7 @@ def curves_section(info: RunInfo, out_dir: Path) -> tuple[list[Block], list[Path
     titles = {"pretrain": "Pretraining", "sft": "SFT", "rl": "RL", "rlhf": "RLHF"}
     for stage, panels in CURVES.items():
         st = info.stages.get(stage)
-        records = read_metrics(st["dir"] / "metrics.jsonl") if st else []
+        records = read_metrics(st["dir"] / CURVE_FILES.get(stage, "metrics.jsonl")) if st else []
         png = out_dir / f"{stage}.png"
         unigram = next((r.get("unigram_bpb") for r in records if r.get("event") == "baseline"), None)
         lines = {"val_bpb": ("unigram", unigram)} if isinstance(unigram, (int, float)) else None

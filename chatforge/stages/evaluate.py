@@ -26,12 +26,13 @@ def targets(cfg) -> list[tuple[str, Path]]:
     """(label, checkpoint folder) pairs to evaluate, from --source."""
     root = Path(cfg.runs_dir) / cfg.run
     by_stage = {stage: label for label, stage in CHECKPOINT_STAGES}
-    if cfg.source in by_stage:
-        ck = root / cfg.source / "checkpoint"
+    source = dict(CHECKPOINT_STAGES).get(cfg.source, cfg.source) if cfg.source not in by_stage else cfg.source
+    if source in by_stage:  # a stage (rl) or its label (rlhf -> rlhf/dpo)
+        ck = root / source / "checkpoint"
         if not (ck / "config.json").exists():
             raise ChatforgeError(f"run '{cfg.run}' has no {cfg.source} checkpoint ({ck} not found); "
                                  f"{_have(root)}")
-        return [(by_stage[cfg.source], ck)]
+        return [(by_stage[source], ck)]
     if cfg.source:
         ck = Path(cfg.source).expanduser()
         if not (ck / "config.json").exists():

@@ -24,6 +24,7 @@ from chatforge.report import latest_checkpoint
 # the progress line's estimate of the time left scales these by how long the stages run so far took
 # against their entry. Other presets show the elapsed time only (their stages print their own ETAs).
 TINY_SECONDS = {"data": 30, "facts": 1, "tokenizer": 3, "pretrain": 1465, "index": 1, "sft": 365, "rl": 600,
+                "rlhf": 360,  # estimated from timed parts (config.py's tiny "rlhf" note), not a full speedrun
                 "evaluate": 60, "report": 2}
 # Stages that are not skipped when complete: they keep their finished parts and redo the rest.
 ALWAYS_RUN = ("evaluate", "report")
