@@ -393,11 +393,13 @@ class RlConfig(CommonConfig):
 @dataclass
 class RlhfConfig(CommonConfig):
     """`chatforge rlhf ACTION`: learning from human preferences. `rm` trains a reward model (Bradley-Terry on
-    preference pairs; held-out pairwise accuracy per source with a 95% interval), `dpo` trains the policy with
-    Direct Preference Optimization (held-out implicit reward margin and preferred-reply rate before / after),
-    `score` scores replies with a trained reward model, `all` runs rm then dpo (the pipeline's step)."""
+    preference pairs; held-out pairwise accuracy per source with a 95% interval), `judge` a second one on the
+    disjoint judge split, `dpo` trains the policy with Direct Preference Optimization (held-out implicit reward
+    margin and preferred-reply rate before / after), `grpo` trains it with GRPO against the reward model under a
+    KL leash while the judge watches for reward hacking, `score` scores replies with a trained reward model,
+    `all` runs rm then dpo (the pipeline's step)."""
 
-    action: str = option("all", "rm | dpo | score | all (rm, then dpo)")
+    action: str = option("all", "rm | judge | dpo | grpo | score | all (rm, then dpo)")
     source: str = option("auto", "the policy DPO trains: a stage of this run (rl, sft) or a checkpoint folder; "
                                  "auto = rl when that stage is complete, else sft")
     rm_source: str = option("sft", "the reward model's backbone: a stage of this run or a checkpoint folder")
@@ -439,13 +441,25 @@ class RlhfConfig(CommonConfig):
     checkpoint_every: int = option(50, "steps between checkpoints (0 = only at the end / on interrupt)")
     resume: bool = option(True, "continue from this action's last checkpoint if there is one")
     dtype: str = option("auto", "auto | float32 | bfloat16; auto = bf16 autocast on CUDA, float32 elsewhere")
+    # GRPO against the reward model, watched by the judge (a second reward model on the judge split)
+    grpo_data: list[str] = option(["hh"], "grpo: sources whose prompts the policy answers (same names as --rm_data)")
+    grpo_steps: int = option(20, "grpo: rollouts (one optimizer step each)")
+    prompts_per_step: int = option(4, "grpo: prompts per rollout")
+    group_size: int = option(4, "grpo: replies sampled per prompt")
+    max_tokens: int = option(48, "grpo: reply length")
+    temperature: float = option(1.0, "grpo: sampling temperature of the rollouts")
+    kl_coef: float = option(0.05, "grpo: k3 KL penalty to the frozen starting policy per token (the leash; also "
+                                  "what the monitor's KL curve shows)")
+    eval_prompts: int = option(16, "grpo: held-out prompts the reward model and the judge score at each evaluation")
+    patience: int = option(2, "grpo: stop after this many evaluations in a row where the judge fell below its best "
+                              "while the training reward model's score rose (0 = never stop early)")
     # score
     rm: str = option("", "score: the reward model checkpoint (default: this run's rlhf/rm/checkpoint)")
     prompt: str = option("", "score: the user message the replies answer")
     replies: str = option("", "score: the replies to score, separated by '||' (e.g. \"Sure, it is 4.||Go away.\")")
     score_file: str = option("", "score: a JSONL file of {prompt or messages, reply or replies} records instead")
 
-    ACTIONS = ("rm", "dpo", "score", "all")
+    ACTIONS = ("rm", "judge", "dpo", "grpo", "score", "all")
 
 
 @dataclass

@@ -381,3 +381,61 @@ def test_rlhf_lora_dpo_and_bad_inputs(run_root, shared_data, tmp_path, tok):
                       prompt="hi", replies="a||b"))
     with pytest.raises(ChatforgeError, match="--prompt"):
         rlhf.run(_cfg(root, shared_data, "r", action="score"))
+
+
+# ----------------------------------------------------------------------------------------------
+# GRPO against the reward model, and the reward-hacking monitor
+
+
+def test_hacking_monitor_stops_when_reward_and_judge_diverge():
+    from chatforge.rlhf_grpo import HackingMonitor
+
+    m = HackingMonitor(patience=2)
+    # both rise, then the reward model keeps rising while the judge falls twice in a row
+    verdicts = [m.update(s, rm, j) for s, rm, j in [(0, 0.0, 0.0), (10, 1.0, 0.5), (20, 2.0, 0.4), (30, 3.0, 0.3)]]
+    assert [v["improved"] for v in verdicts] == [True, True, False, False]
+    assert [v["stop"] for v in verdicts] == [False, False, False, True]
+    assert m.best_step == 10 and m.best_judge == 0.5
+    # both falling is not hacking (the policy got worse for both): no stop
+    m2 = HackingMonitor(patience=1)
+    m2.update(0, 1.0, 1.0)
+    assert not m2.update(10, 0.5, 0.5)["stop"]
+    assert m2.update(20, 1.5, 0.5)["stop"]
+
+
+def test_reward_model_task_scores_replies(tok):
+    from chatforge.reward_model import RewardModel, score_replies
+    from chatforge.rlhf_grpo import RewardModelTask
+    from chatforge.tasks.rl import RLItem
+
+    rm = RewardModel(small_gpt(tok.vocab_size, seed=5))
+    torch.nn.init.normal_(rm.head.weight, std=1.0)
+    item = RLItem("x", [{"role": "user", "content": "hi"}], "")
+    task = RewardModelTask(rm, tok, {"train": [item], "val": []})
+    r, reason = task.reward("hello there", item)
+    assert reason == "scored" and r == pytest.approx(score_replies(rm, tok, item.messages, ["hello there"])[0])
+    assert task.reward("  ", item) == (0.0, "empty")
+    assert task.reward("word " * 500, item) == (0.0, "too_long")
+    assert task.items("train") == [item]
+
+
+def test_rlhf_grpo_with_judge(run_root, shared_data):
+    from chatforge.stages import rlhf
+
+    root = run_root
+    _copy_sft(root, "g")
+    with pytest.raises(ChatforgeError, match="needs the rm reward model"):
+        rlhf.run(_cfg(root, shared_data, "g", action="grpo"))
+    small = dict(rm_data=["polite"], rm_steps=4, grpo_data=["polite"], grpo_steps=4, prompts_per_step=2, group_size=2,
+                 max_tokens=8, eval_every=2, eval_prompts=4, checkpoint_every=2)
+    for action in ("rm", "judge", "grpo"):
+        s = rlhf.run(_cfg(root, shared_data, "g", action=action, **small))
+    out = root / "runs" / "g" / "rlhf"
+    g = s["grpo"]
+    assert (out / "judge" / "checkpoint" / "reward_head.safetensors").exists()
+    assert (out / "grpo" / "best" / "model.safetensors").exists() and (out / "grpo" / "hacking.png").exists()
+    assert [h["step"] for h in g["monitor"]["history"]] == [0, 2, 4]
+    records = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r and "event" not in r]
+    assert len(steps) == 4 and all("reward" in r and "kl" in r for r in steps)
+    assert all("judge_score" in r and "rm_score" in r for r in records if r.get("event") == "eval")

@@ -42,7 +42,8 @@ def run(cfg: RlhfConfig) -> dict:
     out = {}
     with training_process(cfg.threads, cfg.device) as (d, device):
         for action in (("rm", "dpo") if cfg.action == "all" else (cfg.action,)):
-            out[action] = (_train_rm if action == "rm" else _train_dpo)(cfg, d, device)
+            train = {"rm": _train_rm, "judge": _train_rm, "dpo": _train_dpo, "grpo": _train_grpo}[action]
+            out[action] = train(cfg, d, device, action) if action in ("rm", "judge") else train(cfg, d, device)
     root = stage_dir(cfg, "rlhf")
     if d.master and all(is_complete(root / a) for a in ("rm", "dpo")):
         write_json(root / "DONE", {"stage": "rlhf", "rm": read_done(root / "rm"), "dpo": read_done(root / "dpo")})
@@ -101,12 +102,12 @@ def _prepare(cfg, d, action: str, src):
     return out, tok, tok_dir, resume
 
 
-def _data(cfg, tok, names, max_len, log):
+def _data(cfg, tok, names, max_len, log, train_split="train"):
     from chatforge.pairs import load_encoded
 
     kw = dict(data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, judge_fraction=cfg.judge_fraction, seed=cfg.seed,
               controlled_n=cfg.controlled_pairs)
-    train, counts = load_encoded(tok, names, "train", max_len, limit=cfg.train_pairs, **kw)
+    train, counts = load_encoded(tok, names, train_split, max_len, limit=cfg.train_pairs, **kw)
     val, val_counts = load_encoded(tok, names, "val", max_len, limit=cfg.eval_pairs, **kw)
     for n in names:
         log0(f"  {n}: {len(train[n]):,} training pairs, {len(val[n]):,} held out; skipped {counts[n]['skipped']}")
@@ -135,7 +136,8 @@ def _schedule(cfg, steps):
     return lambda step: lr_multiplier(step, steps, 0, warmdown, 0.0)
 
 
-def _train_rm(cfg, d, device) -> dict:
+def _train_rm(cfg, d, device, kind: str = "rm") -> dict:
+    """The reward model (kind "rm", on the train split) or the judge (kind "judge", on the disjoint judge split)."""
     from chatforge.checkpoint import load_checkpoint
     from chatforge.finetune import extend_context
     from chatforge.pairs import PairSource
@@ -144,17 +146,17 @@ def _train_rm(cfg, d, device) -> dict:
     from chatforge.train_loop import Trainer, prepare_model
 
     src = source_checkpoint(cfg, cfg.rm_source)
-    out, tok, tok_dir, resume = _prepare(cfg, d, "rm", src)
+    out, tok, tok_dir, resume = _prepare(cfg, d, kind, src)
     if tok is None:
         return read_done(out)
     seed_everything(cfg.seed)
     rm, info = load_reward_model(out / "checkpoint") if resume else (RewardModel(load_checkpoint(src)[0]), None)
     max_len = cfg.max_seq_len or rm.config.max_seq_len
     extend_context(rm.backbone, max(max_len, rm.config.max_seq_len))  # longer: RoPE tables extended
-    with (stage_run(cfg, "rlhf/rm") if d.master else contextlib.nullcontext()) as srun:
+    with (stage_run(cfg, f"rlhf/{kind}") if d.master else contextlib.nullcontext()) as srun:
         log = srun.log if srun is not None else (lambda **r: None)
-        log0(f"rlhf rm: reward model from {src}, pairs of {', '.join(cfg.rm_data)} (<= {max_len} tokens):")
-        pairs, val, counts = _data(cfg, tok, cfg.rm_data, max_len, log)
+        log0(f"rlhf {kind}: reward model from {src}, pairs of {', '.join(cfg.rm_data)} (<= {max_len} tokens):")
+        pairs, val, counts = _data(cfg, tok, cfg.rm_data, max_len, log, "train" if kind == "rm" else "judge")
         rm = rm.to(device)
         params = [p for p in rm.parameters() if p.requires_grad]  # initial_lr: the schedule's base, saved and resumed
         opt = torch.optim.AdamW([{"params": params, "lr": cfg.rm_lr, "initial_lr": cfg.rm_lr}], betas=(0.9, 0.95),
@@ -168,10 +170,10 @@ def _train_rm(cfg, d, device) -> dict:
             return res
 
         ck = RewardCheckpointer(out / "checkpoint", tokenizer_dir=tok_dir,
-                                meta={"stage": "rlhf", "action": "rm", "run": cfg.run, "source": str(src)})
+                                meta={"stage": "rlhf", "action": kind, "run": cfg.run, "source": str(src)})
         trainer = Trainer(prepare_model(rm, d, device), opt, rm_loss,
                           PairSource(pairs, cfg.batch_size, tok.bos_id, cfg.seed + d.rank, device),
-                          _loop(cfg, cfg.rm_steps, "accuracy", "rlhf rm"), dist=d, device=device, amp_dtype=_amp(cfg, device),
+                          _loop(cfg, cfg.rm_steps, "accuracy", f"rlhf {kind}"), dist=d, device=device, amp_dtype=_amp(cfg, device),
                           evaluate=evaluate if d.master else None, checkpointer=ck, log=log,
                           lr_schedule=_schedule(cfg, cfg.rm_steps))
         if resume:
@@ -185,7 +187,7 @@ def _train_rm(cfg, d, device) -> dict:
         log(event="after", **{f"{n}/{k}": v for n, x in after.items() for k, v in x.items()})
         write_json(out / "summary.json", summary)
         srun.finish(summary)
-        log0(f"rlhf rm done: {state.step} steps in {state.train_time:.0f} s; held-out pairwise accuracy:")
+        log0(f"rlhf {kind} done: {state.step} steps in {state.train_time:.0f} s; held-out pairwise accuracy:")
         for n, x in after.items():
             chance = "above chance" if x["accuracy_low"] > 0.5 else "not above chance"
             log0(f"  {n:<11} {x['accuracy']:.1%} [{x['accuracy_low']:.1%}, {x['accuracy_high']:.1%}] of {x['n']} "
@@ -286,6 +288,112 @@ def _train_dpo(cfg, d, device) -> dict:
                  f"{b['implicit_accuracy']:.1%} -> {a['implicit_accuracy']:.1%} [{a['implicit_accuracy_low']:.1%}, "
                  f"{a['implicit_accuracy_high']:.1%}]; preferred by log-prob {b['preferred_logprob_rate']:.1%} -> "
                  f"{a['preferred_logprob_rate']:.1%} (of {a['n']})")
+        return summary
+
+
+def _train_grpo(cfg, d, device) -> dict:
+    """GRPO (grpo.py) with the reward model's score as the reward, a KL leash, and the judge watching."""
+    from chatforge.checkpoint import load_checkpoint, save_checkpoint
+    from chatforge.engine import Engine
+    from chatforge.finetune import sft_optimizer
+    from chatforge.grpo import GrpoSettings, RolloutSource, grpo_loss, reply_text
+    from chatforge.reward_model import check_tokenizers, load_reward_model
+    from chatforge.rlhf_grpo import HackingMonitor, RewardModelTask, mean_score, prompt_items
+    from chatforge.rng import seed_everything
+    from chatforge.tasks.preferences import load_pairs
+    from chatforge.tokenizer import Tokenizer
+    from chatforge.train_loop import Checkpointer, Trainer, prepare_model
+
+    src = policy_source(cfg)
+    out, tok, tok_dir, resume = _prepare(cfg, d, "grpo", src)
+    if tok is None:
+        return read_done(out)
+    rms = {}
+    for kind in ("rm", "judge"):  # both must exist and read the policy's tokens
+        path = stage_dir(cfg, f"rlhf/{kind}") / "checkpoint"
+        if not (path / "config.json").is_file():
+            raise ChatforgeError(f"rlhf grpo needs the {kind} reward model ({path} missing); run `chatforge rlhf "
+                                 f"{kind} --run {cfg.run}` first")
+        rms[kind], rinfo = load_reward_model(path, device)
+        check_tokenizers(Tokenizer.load(rinfo["tokenizer_dir"]), tok, path, src)
+        rms[kind].eval().requires_grad_(False)
+    seed_everything(cfg.seed)
+    model, info = load_checkpoint(out / "checkpoint" if resume else src)
+    model = model.to(device)
+    ref = (load_checkpoint(src)[0].to(device) if resume else copy.deepcopy(model)).eval().requires_grad_(False)
+    kw = dict(data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, judge_fraction=cfg.judge_fraction, seed=cfg.seed,
+              controlled_n=cfg.controlled_pairs)
+    items = {s: prompt_items([p for n in cfg.grpo_data for p in load_pairs(n, s, **kw)], s) for s in ("train", "val")}
+    items["val"] = items["val"][:cfg.eval_prompts]
+    task = RewardModelTask(rms["rm"], tok, items, cfg.max_seq_len)
+    engine = Engine(model, tok, tools={}, device=device)
+    settings = GrpoSettings(prompts=cfg.prompts_per_step, group_size=cfg.group_size, micro_batches=1,
+                            kl_coef=cfg.kl_coef, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                            use_tools=False, seed=cfg.seed + 7919 * d.rank)
+    source = RolloutSource(engine, tok, task, items["train"], settings, ref_model=ref if cfg.kl_coef else None,
+                           device=device, say=log0)
+    monitor = HackingMonitor(patience=cfg.patience or 10 ** 9)
+    if resume and (out / "monitor.json").exists():
+        monitor.load_state_dict(json.loads((out / "monitor.json").read_text()))
+    with (stage_run(cfg, "rlhf/grpo") if d.master else contextlib.nullcontext()) as srun:
+        log = srun.log if srun is not None else (lambda **r: None)
+        log0(f"rlhf grpo: policy {src}, {len(items['train']):,} prompts of {', '.join(cfg.grpo_data)}, "
+             f"{cfg.prompts_per_step} x {cfg.group_size} replies per step, KL coefficient {cfg.kl_coef}")
+
+        def evaluate(t) -> dict:
+            was = model.training
+            model.eval()
+            comps = engine.generate([tok.render_prompt(it.messages) for it in items["val"]], max_tokens=cfg.max_tokens,
+                                    temperature=0.0, use_tools=False)
+            model.train(was)
+            replies = [reply_text(tok, c) for c in sorted(comps, key=lambda c: c.prompt_index)]
+            r = {k: mean_score(rm, tok, items["val"], replies, cfg.max_seq_len) for k, rm in rms.items()}
+            verdict = monitor.update(t.state.step, r["rm"], r["judge"])
+            write_json(out / "monitor.json", monitor.state_dict())
+            if verdict["improved"]:  # keep the best policy by the judge
+                save_checkpoint(out / "best", model, tokenizer_dir=tok_dir, meta={"stage": "rlhf", "action": "grpo",
+                                                                                 "step": t.state.step, "judge_score": r["judge"]})
+            if verdict["stop"]:
+                t.write(f"step {t.state.step}: the judge fell {monitor.falling} evaluations in a row while the reward "
+                        f"model rose: stopping (best judge at step {monitor.best_step})")
+                t.config.num_steps = t.state.step + 1  # the loop finishes this step, checkpoints and ends
+            t.write(f"step {t.state.step:,}: held-out reward model {r['rm']:.3f}, judge {r['judge']:.3f}")
+            return {"rm_score": r["rm"], "judge_score": r["judge"], "stopped_early": float(verdict["stop"])}
+
+        opt = sft_optimizer(model, lora=False, lr_frac=cfg.lr_frac, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
+                            unembedding_lr=cfg.unembedding_lr, scalar_lr=cfg.scalar_lr, lora_lr=cfg.lora_lr)
+        ck = Checkpointer(out / "checkpoint", tokenizer_dir=tok_dir, meta={"stage": "rlhf", "action": "grpo",
+                                                                           "run": cfg.run, "source": str(src)})
+        trainer = Trainer(prepare_model(model, d, device), opt, grpo_loss(settings), source,
+                          _loop(cfg, cfg.grpo_steps, "judge_score", "rlhf grpo"), dist=d, device=device,
+                          amp_dtype=_amp(cfg, device), evaluate=evaluate if d.master else None, checkpointer=ck,
+                          log=log, lr_schedule=_schedule(cfg, cfg.grpo_steps))
+        if resume:
+            trainer.resume(info)
+        elif d.master:
+            log(event="before", **evaluate(trainer))  # step 0: the starting policy is the first "best"
+        state = trainer.run()
+        if not d.master:
+            return {}
+        summary = {"source": str(src), "steps": state.step, "kl_coef": cfg.kl_coef, "monitor": monitor.state_dict(),
+                   "stopped_early": state.step < cfg.grpo_steps, "best": str(out / "best"),
+                   "reward_reasons": dict(source.reward_stats.counts), "checkpoint": str(out / "checkpoint")}
+        write_json(out / "summary.json", summary)
+        srun.close()
+        try:
+            from chatforge.plots import plot_metrics
+
+            summary["plot"] = str(plot_metrics(out / "metrics.jsonl", out / "hacking.png",
+                                               ["reward", "kl", "eval/rm_score", "eval/judge_score"],
+                                               title="GRPO on the reward model: training RM, KL, held-out RM, judge"))
+        except ImportError:
+            log0("matplotlib is not installed: no hacking.png")
+        srun.finish(summary)
+        h = monitor.history
+        if h:
+            log0(f"rlhf grpo done: {state.step} steps; held-out reward model {h[0]['rm_score']:.3f} -> "
+                 f"{h[-1]['rm_score']:.3f}, judge {h[0]['judge_score']:.3f} -> {h[-1]['judge_score']:.3f} (best at "
+                 f"step {monitor.best_step}: {out / 'best'})")
         return summary
 
 

@@ -1,0 +1,96 @@
+"""Policy optimisation against a learned reward model (GRPO from grpo.py), and the reward-hacking monitor.
+
+The RL stage's GRPO samples groups of replies and learns from group-relative rewards; here the reward of
+a reply is the reward model's score instead of a verifier's verdict (`RewardModelTask`: an RLTask whose
+`reward` asks the reward model). A per-token KL to the frozen starting policy (`kl_coef`, GrpoSettings)
+is the leash of InstructGPT (https://arxiv.org/abs/2203.02155): without it the policy drifts to whatever
+the reward model over-scores.
+
+Reward hacking is expected (Gao et al. 2022, https://arxiv.org/abs/2210.10760: the proxy score keeps
+rising while the true one peaks and falls), so `HackingMonitor` watches three curves at every
+evaluation: the training reward model's mean score of greedy replies to held-out prompts, the KL to the
+reference, and the score of a second reward model trained on a disjoint split (the held-out judge). It
+keeps the step where the judge was best and calls for an early stop when the judge has fallen `patience`
+evaluations in a row below its best by more than `tolerance` while the training reward model's score is
+higher than it was then (the two diverge).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from chatforge.tasks.rl import RLItem, RLTask
+
+
+class RewardModelTask(RLTask):
+    """An RLTask scored by a reward model: reward(reply, item) = the model's score of `reply` to
+    `item.messages` (reason "scored", or "empty" / "too_long" for 0). Items are prompts; no answer."""
+
+    def __init__(self, rm, tok, items: dict[str, list[RLItem]], max_len: int = 0, name: str = "reward_model"):
+        super().__init__(name, load=lambda split, data_dir, n, seed: items[split], extract=lambda r: r,
+                         check=lambda r, a: False)
+        self.rm, self.tok, self.max_len = rm, tok, max_len or rm.config.max_seq_len
+
+    @torch.no_grad()
+    def reward(self, reply: str, item: RLItem) -> tuple[float, str]:
+        from chatforge.common import ChatforgeError
+        from chatforge.reward_model import score_replies
+
+        if not isinstance(reply, str) or not reply.strip():
+            return 0.0, "empty"
+        try:
+            device = next(self.rm.parameters()).device
+            return score_replies(self.rm, self.tok, item.messages, [reply.strip()], self.max_len, device)[0], "scored"
+        except ChatforgeError:
+            return 0.0, "too_long"
+
+
+def prompt_items(pairs, split: str) -> list[RLItem]:
+    """The distinct prompts of preference pairs as RL items (one per conversation, first seen first)."""
+    seen, out = set(), []
+    for p in pairs:
+        key = repr(p.prompt)
+        if key not in seen:
+            seen.add(key)
+            out.append(RLItem(f"{split}/{p.id}", p.prompt, ""))
+    return out
+
+
+@torch.no_grad()
+def mean_score(rm, tok, items: list[RLItem], replies: list[str], max_len: int = 0) -> float:
+    """A reward model's mean score of replies[i] to items[i] (held-out greedy replies)."""
+    task = RewardModelTask(rm, tok, {}, max_len)
+    scores = [task.reward(r, it)[0] for it, r in zip(items, replies)]
+    return sum(scores) / max(1, len(scores))
+
+
+@dataclass
+class HackingMonitor:
+    """Decides, evaluation by evaluation, whether the training reward and the judge diverge (see above)."""
+
+    patience: int = 2
+    tolerance: float = 0.0
+    best_judge: float | None = None
+    best_step: int = -1
+    rm_at_best: float = float("nan")
+    falling: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def update(self, step: int, rm_score: float, judge_score: float) -> dict:
+        """Record one evaluation; returns {"improved": the judge's best so far, "stop": diverged}."""
+        self.history.append({"step": step, "rm_score": rm_score, "judge_score": judge_score})
+        if self.best_judge is None or judge_score > self.best_judge:
+            self.best_judge, self.best_step, self.rm_at_best, self.falling = judge_score, step, rm_score, 0
+            return {"improved": True, "stop": False}
+        diverging = judge_score < self.best_judge - self.tolerance and rm_score > self.rm_at_best
+        self.falling = self.falling + 1 if diverging else 0
+        return {"improved": False, "stop": self.falling >= self.patience}
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("best_judge", "best_step", "rm_at_best", "falling", "history")}
+
+    def load_state_dict(self, d: dict) -> None:
+        for k, v in d.items():
+            setattr(self, k, v)
