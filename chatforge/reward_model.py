@@ -165,3 +165,34 @@ def score_replies(rm: RewardModel, tok, prompt: list[dict], replies: list[str], 
     finally:
         rm.train(was)
     return out
+
+
+def read_score_records(path) -> list[dict]:
+    """The records of a `chatforge rlhf score --score_file` JSONL file."""
+    import json
+
+    try:
+        return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ChatforgeError(f"--score_file {path}: not a readable JSONL file ({e})") from None
+
+
+def score_records(path, records: list[dict], max_len: int = 0) -> list[dict]:
+    """Score {prompt or messages, reply or replies} records with the reward model at `path`:
+    [{"prompt": the last user message, "replies", "scores"}]. A malformed record is an error naming it."""
+    from chatforge.tokenizer import Tokenizer
+
+    rm, info = load_reward_model(path)
+    if info["tokenizer_dir"] is None:
+        raise ChatforgeError(f"{path} has no tokenizer/ folder")
+    tok = Tokenizer.load(info["tokenizer_dir"])
+    results = []
+    for i, r in enumerate(records):
+        msgs = (r.get("messages") or [{"role": "user", "content": r.get("prompt", "")}]) if isinstance(r, dict) else None
+        replies = (r.get("replies") or [r.get("reply", "")]) if isinstance(r, dict) else None
+        if not isinstance(msgs, list) or not isinstance(replies, list) or not all(isinstance(x, str) for x in replies):
+            raise ChatforgeError(f"record {i + 1}: needs 'prompt' (text) or 'messages', and 'reply' or 'replies' (text)")
+        replies = [x.strip() for x in replies]
+        results.append({"prompt": msgs[-1].get("content", ""), "replies": replies,
+                        "scores": score_replies(rm, tok, msgs, replies, max_len)})
+    return results

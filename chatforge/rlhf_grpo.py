@@ -66,6 +66,23 @@ def mean_score(rm, tok, items: list[RLItem], replies: list[str], max_len: int = 
     return sum(scores) / max(1, len(scores))
 
 
+@torch.no_grad()
+def held_out_scores(engine, tok, items: list[RLItem], rms: dict, max_tokens: int, max_len: int = 0) -> dict:
+    """Greedy replies of the engine's model to held-out prompts, scored by each reward model in `rms`
+    ({"rm": ..., "judge": ...}) -> {"rm_score": mean, "judge_score": mean}."""
+    from chatforge.grpo import reply_text
+
+    was = engine.model.training
+    engine.model.eval()
+    try:
+        comps = engine.generate([tok.render_prompt(it.messages) for it in items], max_tokens=max_tokens,
+                                temperature=0.0, use_tools=False)
+    finally:
+        engine.model.train(was)
+    replies = [reply_text(tok, c) for c in sorted(comps, key=lambda c: c.prompt_index)]
+    return {f"{k}_score": mean_score(rm, tok, items, replies, max_len) for k, rm in rms.items()}
+
+
 @dataclass
 class HackingMonitor:
     """Decides, evaluation by evaluation, whether the training reward and the judge diverge (see above)."""

@@ -183,7 +183,7 @@ def test_dpo_pair_loss_by_hand(tok):
     loss.backward()
     assert policy.wte.weight.grad is not None and ref.wte.weight.grad is None
     # the policy as its own reference: every margin 0, loss log 2
-    assert float(dpo_pair_loss(policy, copy.deepcopy(policy), tok, prompt, chosen, rejected, beta)) == \
+    assert float(dpo_pair_loss(policy, copy.deepcopy(policy), tok, prompt, chosen, rejected, beta).detach()) == \
         pytest.approx(math.log(2), rel=1e-6)
 
 

@@ -296,9 +296,9 @@ def _train_grpo(cfg, d, device) -> dict:
     from chatforge.checkpoint import load_checkpoint, save_checkpoint
     from chatforge.engine import Engine
     from chatforge.finetune import sft_optimizer
-    from chatforge.grpo import GrpoSettings, RolloutSource, grpo_loss, reply_text
+    from chatforge.grpo import GrpoSettings, RolloutSource, grpo_loss
     from chatforge.reward_model import check_tokenizers, load_reward_model
-    from chatforge.rlhf_grpo import HackingMonitor, RewardModelTask, mean_score, prompt_items
+    from chatforge.rlhf_grpo import HackingMonitor, RewardModelTask, held_out_scores, prompt_items
     from chatforge.rng import seed_everything
     from chatforge.tasks.preferences import load_pairs
     from chatforge.tokenizer import Tokenizer
@@ -341,24 +341,18 @@ def _train_grpo(cfg, d, device) -> dict:
              f"{cfg.prompts_per_step} x {cfg.group_size} replies per step, KL coefficient {cfg.kl_coef}")
 
         def evaluate(t) -> dict:
-            was = model.training
-            model.eval()
-            comps = engine.generate([tok.render_prompt(it.messages) for it in items["val"]], max_tokens=cfg.max_tokens,
-                                    temperature=0.0, use_tools=False)
-            model.train(was)
-            replies = [reply_text(tok, c) for c in sorted(comps, key=lambda c: c.prompt_index)]
-            r = {k: mean_score(rm, tok, items["val"], replies, cfg.max_seq_len) for k, rm in rms.items()}
-            verdict = monitor.update(t.state.step, r["rm"], r["judge"])
+            r = held_out_scores(engine, tok, items["val"], rms, cfg.max_tokens, cfg.max_seq_len)
+            verdict = monitor.update(t.state.step, r["rm_score"], r["judge_score"])
             write_json(out / "monitor.json", monitor.state_dict())
             if verdict["improved"]:  # keep the best policy by the judge
                 save_checkpoint(out / "best", model, tokenizer_dir=tok_dir, meta={"stage": "rlhf", "action": "grpo",
-                                                                                 "step": t.state.step, "judge_score": r["judge"]})
+                                                                                 "step": t.state.step, **r})
             if verdict["stop"]:
                 t.write(f"step {t.state.step}: the judge fell {monitor.falling} evaluations in a row while the reward "
                         f"model rose: stopping (best judge at step {monitor.best_step})")
                 t.config.num_steps = t.state.step + 1  # the loop finishes this step, checkpoints and ends
-            t.write(f"step {t.state.step:,}: held-out reward model {r['rm']:.3f}, judge {r['judge']:.3f}")
-            return {"rm_score": r["rm"], "judge_score": r["judge"], "stopped_early": float(verdict["stop"])}
+            t.write(f"step {t.state.step:,}: held-out reward model {r['rm_score']:.3f}, judge {r['judge_score']:.3f}")
+            return dict(r, stopped_early=float(verdict["stop"]))
 
         opt = sft_optimizer(model, lora=False, lr_frac=cfg.lr_frac, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
                             unembedding_lr=cfg.unembedding_lr, scalar_lr=cfg.scalar_lr, lora_lr=cfg.lora_lr)
@@ -403,35 +397,21 @@ def _flat(r: dict) -> dict:
 
 def score(cfg) -> dict:
     """Score replies to a prompt (or the records of --score_file) with a trained reward model; prints them."""
-    from chatforge.reward_model import load_reward_model, score_replies
-    from chatforge.tokenizer import Tokenizer
+    from chatforge.reward_model import read_score_records, score_records
 
     path = Path(cfg.rm) if cfg.rm else stage_dir(cfg, "rlhf/rm") / "checkpoint"
     if not (path / "config.json").is_file():
         raise ChatforgeError(f"no reward model at {path}; train one with `chatforge rlhf rm --run {cfg.run}` or "
                              f"pass --rm CHECKPOINT")
-    rm, info = load_reward_model(path)
-    if info["tokenizer_dir"] is None:
-        raise ChatforgeError(f"{path} has no tokenizer/ folder")
-    tok = Tokenizer.load(info["tokenizer_dir"])
     if cfg.score_file:
-        try:
-            records = [json.loads(line) for line in open(cfg.score_file, encoding="utf-8") if line.strip()]
-        except (OSError, json.JSONDecodeError) as e:
-            raise ChatforgeError(f"--score_file {cfg.score_file}: not a readable JSONL file ({e})") from None
+        records = read_score_records(cfg.score_file)
     elif cfg.prompt and cfg.replies:
         records = [{"prompt": cfg.prompt, "replies": cfg.replies.split("||")}]
     else:
         raise ChatforgeError("give --prompt TEXT and --replies 'A||B' (or --score_file FILE.jsonl) to score")
-    results = []
-    for i, r in enumerate(records):
-        msgs = r.get("messages") or [{"role": "user", "content": r.get("prompt", "")}]
-        replies = r.get("replies") or [r.get("reply", "")]
-        if not isinstance(msgs, list) or not all(isinstance(x, str) for x in replies):
-            raise ChatforgeError(f"record {i + 1}: needs 'prompt' (text) or 'messages' and 'reply' or 'replies' (text)")
-        scores = score_replies(rm, tok, msgs, [x.strip() for x in replies], cfg.max_seq_len)
-        results.append({"prompt": msgs[-1].get("content", ""), "replies": replies, "scores": scores})
-        print(f"prompt: {msgs[-1].get('content', '')}")
-        for reply, s in sorted(zip(replies, scores), key=lambda x: -x[1]):
-            print(f"  {s:+8.3f}  {reply.strip()[:100]}")
+    results = score_records(path, records, cfg.max_seq_len)
+    for r in results:
+        print(f"prompt: {r['prompt']}")
+        for reply, s in sorted(zip(r["replies"], r["scores"]), key=lambda x: -x[1]):
+            print(f"  {s:+8.3f}  {reply[:100]}")
     return {"rm": str(path), "results": results}
