@@ -350,7 +350,7 @@ def _train_grpo(cfg, d, device) -> dict:
             if verdict["stop"]:
                 t.write(f"step {t.state.step}: the judge fell {monitor.falling} evaluations in a row while the reward "
                         f"model rose: stopping (best judge at step {monitor.best_step})")
-                t.config.num_steps = t.state.step + 1  # the loop finishes this step, checkpoints and ends
+                t.config.num_steps = min(t.config.num_steps, t.state.step + 1)  # finish this step, checkpoint, end
             t.write(f"step {t.state.step:,}: held-out reward model {r['rm_score']:.3f}, judge {r['judge_score']:.3f}")
             return dict(r, stopped_early=float(verdict["stop"]))
 
@@ -365,7 +365,7 @@ def _train_grpo(cfg, d, device) -> dict:
         if resume:
             trainer.resume(info)
         elif d.master:
-            log(event="before", **evaluate(trainer))  # step 0: the starting policy is the first "best"
+            log(event="eval", step=0, **evaluate(trainer))  # step 0: the starting policy is the first "best"
         state = trainer.run()
         if not d.master:
             return {}
