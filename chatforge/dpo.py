@@ -127,3 +127,46 @@ def evaluate_dpo(policy, reference, pairs, pad_id: int, beta: float, batch_size:
     return {"implicit_accuracy": right / n, "implicit_accuracy_low": lo, "implicit_accuracy_high": hi,
             "margin": sum(margins) / n, "preferred_logprob_rate": sum(w > l for w, l in zip(pol_w, pol_l)) / n,
             "chosen_logp": sum(pol_w) / n, "rejected_logp": sum(pol_l) / n, "loss": sum(losses) / n, "n": n}
+
+
+def load_policy(src, ckpt, *, resume: bool, lora_rank: int = 0, lora_alpha: float = 16.0, lora_targets=(),
+                seq_len: int = 0, device="cpu"):
+    """(policy, reference, info) for DPO from the checkpoint `src`, or resumed from this run's `ckpt`:
+
+    - LoRA (lora_rank > 0): the source weights with adapters (a resumed run's loaded from ckpt); the
+      reference is None, meaning the policy with its adapters off (no second copy);
+    - full fine-tuning: the policy (the resumed one from ckpt) and a frozen copy of the source.
+
+    `seq_len` longer than the checkpoint's context extends the RoPE tables of both. info: what
+    load_checkpoint returned for the checkpoint to resume from (or the source)."""
+    from chatforge.checkpoint import load_checkpoint
+    from chatforge.finetune import extend_context, load_adapters
+    from chatforge.lora import apply_lora
+
+    model, info = load_checkpoint(ckpt if resume and not lora_rank else src)
+    seq_len = max(seq_len, model.config.max_seq_len)
+    extend_context(model, seq_len)
+    reference = None
+    if lora_rank:
+        apply_lora(model, lora_rank, lora_alpha, 0.0, lora_targets)
+        if resume:
+            load_adapters(model, ckpt)
+            info = load_checkpoint(ckpt)[1]
+    else:  # a resumed run's model has moved: the reference is the source again
+        import copy
+
+        reference = extend_context(load_checkpoint(src)[0], seq_len) if resume else copy.deepcopy(model)
+        reference = reference.to(device).eval().requires_grad_(False)
+    return model.to(device), reference, info
+
+
+def describe(before: dict, after: dict) -> str:
+    """Before -> after lines per source, for the terminal."""
+    lines = []
+    for n, a in after.items():
+        b = before.get(n, a)
+        lines.append(f"  {n:<11} margin {b['margin']:.3f} -> {a['margin']:.3f}; preferred (implicit) "
+                     f"{b['implicit_accuracy']:.1%} -> {a['implicit_accuracy']:.1%} [{a['implicit_accuracy_low']:.1%}, "
+                     f"{a['implicit_accuracy_high']:.1%}]; preferred by log-prob {b['preferred_logprob_rate']:.1%} -> "
+                     f"{a['preferred_logprob_rate']:.1%} (of {a['n']})")
+    return "\n".join(lines)

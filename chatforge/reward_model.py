@@ -196,3 +196,10 @@ def score_records(path, records: list[dict], max_len: int = 0) -> list[dict]:
         results.append({"prompt": msgs[-1].get("content", ""), "replies": replies,
                         "scores": score_replies(rm, tok, msgs, replies, max_len)})
     return results
+
+
+def describe(accuracy: dict) -> str:
+    """Held-out accuracy lines per source, each said to be above chance (its interval above 50%) or not."""
+    return "\n".join(f"  {n:<11} {x['accuracy']:.1%} [{x['accuracy_low']:.1%}, {x['accuracy_high']:.1%}] of {x['n']} "
+                     f"({'above chance' if x['accuracy_low'] > 0.5 else 'not above chance'})"
+                     for n, x in accuracy.items())

@@ -141,7 +141,8 @@ def _train_rm(cfg, d, device, kind: str = "rm") -> dict:
     from chatforge.checkpoint import load_checkpoint
     from chatforge.finetune import extend_context
     from chatforge.pairs import PairSource
-    from chatforge.reward_model import RewardCheckpointer, RewardModel, load_reward_model, pair_accuracy, rm_loss
+    from chatforge.reward_model import RewardCheckpointer, RewardModel, describe, load_reward_model, pair_accuracy, \
+        rm_loss
     from chatforge.rng import seed_everything
     from chatforge.train_loop import Trainer, prepare_model
 
@@ -187,11 +188,8 @@ def _train_rm(cfg, d, device, kind: str = "rm") -> dict:
         log(event="after", **{f"{n}/{k}": v for n, x in after.items() for k, v in x.items()})
         write_json(out / "summary.json", summary)
         srun.finish(summary)
-        log0(f"rlhf {kind} done: {state.step} steps in {state.train_time:.0f} s; held-out pairwise accuracy:")
-        for n, x in after.items():
-            chance = "above chance" if x["accuracy_low"] > 0.5 else "not above chance"
-            log0(f"  {n:<11} {x['accuracy']:.1%} [{x['accuracy_low']:.1%}, {x['accuracy_high']:.1%}] of {x['n']} "
-                 f"({chance})")
+        log0(f"rlhf {kind} done: {state.step} steps in {state.train_time:.0f} s; held-out pairwise accuracy:\n"
+             + describe(after))
         return summary
 
 
@@ -200,10 +198,8 @@ def _amp(cfg, device):
 
 
 def _train_dpo(cfg, d, device) -> dict:
-    from chatforge.checkpoint import load_checkpoint
-    from chatforge.dpo import dpo_train_loss, evaluate_dpo
-    from chatforge.finetune import AdapterCheckpointer, extend_context, load_adapters, sft_optimizer
-    from chatforge.lora import apply_lora
+    from chatforge.dpo import describe, dpo_train_loss, evaluate_dpo, load_policy
+    from chatforge.finetune import AdapterCheckpointer, sft_optimizer
     from chatforge.pairs import PairSource
     from chatforge.reward_model import check_tokenizers
     from chatforge.rng import seed_everything
@@ -220,20 +216,9 @@ def _train_dpo(cfg, d, device) -> dict:
     seed_everything(cfg.seed)
     lora = cfg.lora_rank > 0
     ck_path = out / "checkpoint"
-    model, info = load_checkpoint(ck_path if resume and not lora else src)
+    model, reference, info = load_policy(src, ck_path, resume=resume, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                         lora_targets=cfg.lora_targets, seq_len=cfg.max_seq_len, device=device)
     max_len = cfg.max_seq_len or model.config.max_seq_len
-    max_len_model = max(max_len, model.config.max_seq_len)
-    extend_context(model, max_len_model)
-    reference = None
-    if lora:  # the reference is the base weights with the adapters off: no second copy
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, 0.0, cfg.lora_targets)
-        if resume:
-            load_adapters(model, ck_path)
-            info = load_checkpoint(ck_path)[1]
-    else:  # a resumed run's model has moved: the reference is the source again
-        reference = extend_context(load_checkpoint(src)[0], max_len_model) if resume else copy.deepcopy(model)
-        reference = reference.to(device).eval().requires_grad_(False)
-    model = model.to(device)
     with (stage_run(cfg, "rlhf/dpo") if d.master else contextlib.nullcontext()) as srun:
         log = srun.log if srun is not None else (lambda **r: None)
         log0(f"rlhf dpo: policy {src} ({'LoRA rank ' + str(cfg.lora_rank) if lora else 'full'}, beta {cfg.beta}), "
@@ -281,13 +266,8 @@ def _train_dpo(cfg, d, device) -> dict:
         log(event="after", **_flat(summary["after"]))
         write_json(out / "summary.json", summary)
         srun.finish(summary)
-        log0(f"rlhf dpo done: {state.step} steps in {state.train_time:.0f} s; checkpoint {ck_path}; held-out:")
-        for n, a in summary["after"].items():
-            b = summary["before"][n]
-            log0(f"  {n:<11} margin {b['margin']:.3f} -> {a['margin']:.3f}; preferred (implicit) "
-                 f"{b['implicit_accuracy']:.1%} -> {a['implicit_accuracy']:.1%} [{a['implicit_accuracy_low']:.1%}, "
-                 f"{a['implicit_accuracy_high']:.1%}]; preferred by log-prob {b['preferred_logprob_rate']:.1%} -> "
-                 f"{a['preferred_logprob_rate']:.1%} (of {a['n']})")
+        log0(f"rlhf dpo done: {state.step} steps in {state.train_time:.0f} s; checkpoint {ck_path}; held-out:\n"
+             + describe(summary["before"], summary["after"]))
         return summary
 
 
