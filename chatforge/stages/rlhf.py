@@ -3,10 +3,13 @@
     chatforge rlhf rm  --preset tiny        # reward model on HH, OASST and the controlled sets, from runs/tiny/sft
     chatforge rlhf dpo --preset tiny        # DPO of the policy (runs/tiny/rl, else sft) on preference pairs
     chatforge rlhf --preset tiny            # both (the pipeline's step)
+    chatforge rlhf judge --preset tiny      # a second reward model on the disjoint judge split
+    chatforge rlhf grpo --preset tiny       # GRPO against the reward model, KL leash, the judge watching
     chatforge rlhf score --run tiny --prompt "What is 2 + 2?" --replies "It is 4.||Figure it out yourself."
 
 Wiring only: the pairs (tasks/preferences.py, pairs.py), the reward model (reward_model.py), DPO (dpo.py),
-LoRA (lora.py), the one training loop (train_loop.py).
+GRPO on the reward model and the reward-hacking monitor (rlhf_grpo.py over grpo.py), LoRA (lora.py), the
+one training loop (train_loop.py).
 
 Outputs in runs/<run>/rlhf/:
 
@@ -16,7 +19,10 @@ Outputs in runs/<run>/rlhf/:
     dpo/checkpoint/    the DPO policy: the run's "rlhf" checkpoint (`chatforge chat runs/<run>/rlhf/dpo/checkpoint`)
     dpo/summary.json   before / after per source: implicit reward margin, preferred-reply rate (95% interval),
                        preferred-logprob rate; dpo/metrics.jsonl per step
-    DONE               when both are complete
+    judge/             the judge reward model (same layout as rm/, trained on the judge split)
+    grpo/checkpoint/   the GRPO policy; grpo/best/ the policy where the judge scored best; grpo/hacking.png
+                       the training reward, KL, held-out reward model and judge curves; grpo/monitor.json
+    DONE               when rm and dpo are complete
 """
 
 from __future__ import annotations
