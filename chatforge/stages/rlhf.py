@@ -52,7 +52,8 @@ def run(cfg: RlhfConfig) -> dict:
             out[action] = train(cfg, d, device, action) if action in ("rm", "judge") else train(cfg, d, device)
     root = stage_dir(cfg, "rlhf")
     if d.master and all(is_complete(root / a) for a in ("rm", "dpo")):
-        write_json(root / "DONE", {"stage": "rlhf", "rm": read_done(root / "rm"), "dpo": read_done(root / "dpo")})
+        parts = {a: read_done(root / a) for a in ("rm", "dpo")}
+        write_json(root / "DONE", {"stage": "rlhf", "seconds": sum(p.get("seconds", 0) for p in parts.values()), **parts})
     return out
 
 
