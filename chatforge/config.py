@@ -424,8 +424,9 @@ class RlhfConfig(CommonConfig):
     dpo_steps: int = option(100, "DPO optimizer steps")
     beta: float = option(0.1, "DPO beta: the implicit reward's scale; smaller lets the policy move further")
     nll_coef: float = option(0.0, "weight of an NLL term on the chosen reply (RPO); 0 = plain DPO")
-    lora_rank: int = option(0, "DPO with LoRA adapters of this rank (the reference is then the base weights with "
-                               "the adapters off); 0 = full fine-tuning against a frozen copy")
+    lora_rank: int = option(0, "LoRA adapters of this rank in every trainer (rm, judge, dpo, grpo); the DPO and GRPO "
+                               "reference is then the base weights with the adapters off. 0 = full fine-tuning "
+                               "(the reference: a frozen copy)")
     lora_alpha: float = option(16.0, "LoRA scale numerator (update = alpha/rank * B A)")
     lora_targets: list[str] = option(["c_q", "c_k", "c_v", "attn.c_proj", "c_gate", "c_up", "mlp.c_proj"],
                                      "Linear layers that get adapters")

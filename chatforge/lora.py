@@ -139,6 +139,21 @@ def adapters_disabled(model: nn.Module):
             m.disabled = b
 
 
+class AdaptersOff:
+    """A callable view of a LoRA model that computes with its base weights: `AdaptersOff(model)(ids)` is
+    `model(ids)` inside adapters_disabled. For code that takes a reference model to call (GRPO's rollout
+    source scores its KL reference this way), so the reference costs no second copy of the weights."""
+
+    def __init__(self, model: nn.Module):
+        if not lora_modules(model):
+            raise ChatforgeError("AdaptersOff: the model has no LoRA adapters; use a frozen copy as the reference")
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with adapters_disabled(self.model):
+            return self.model(*args, **kwargs)
+
+
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The adapter parameters (A and B of every LoRALinear), the only ones an optimizer should get."""
     return [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]

@@ -103,12 +103,47 @@ class RewardCheckpointer(Checkpointer):
 
     def payload(self, model):
         if isinstance(model, RewardModel):
-            return model.backbone, {REWARD_HEAD_FILE: model.head.state_dict()}
+            from chatforge.finetune import ADAPTER_FILE
+            from chatforge.lora import lora_modules, lora_state_dict, merged_state_dict
+            from chatforge.train_loop import _FullWeights
+
+            head = {REWARD_HEAD_FILE: model.head.state_dict()}
+            if lora_modules(model.backbone):  # merged weights load as a plain backbone; adapters resume exactly
+                return (_FullWeights(model.config, merged_state_dict(model.backbone)),
+                        {**head, ADAPTER_FILE: lora_state_dict(model.backbone)})
+            return model.backbone, head
         # FSDP's gathered weights (_FullWeights): split the flat state dict into backbone and head
         state = model.state_dict()
         backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
         head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
         return type(model)(model.config, backbone), {REWARD_HEAD_FILE: head}
+
+
+def build_reward_model(src, ckpt, *, resume: bool, lora_rank: int = 0, lora_alpha: float = 16.0, lora_targets=(),
+                       seq_len: int = 0) -> tuple[RewardModel, dict | None]:
+    """(reward model, resume info) to train: a new head on the backbone of checkpoint `src`, or resumed from
+    `ckpt`. With lora_rank the backbone gets adapters (a resumed run: the source weights + ckpt's adapters,
+    never adapters on top of ckpt's merged weights); the head always trains. seq_len longer than the
+    checkpoint's context extends its RoPE tables."""
+    from safetensors.torch import load_file
+
+    from chatforge.checkpoint import load_checkpoint
+    from chatforge.finetune import extend_context, load_adapters
+    from chatforge.lora import apply_lora
+
+    info = None
+    if resume and not lora_rank:
+        rm, info = load_reward_model(ckpt)
+    else:
+        rm = RewardModel(load_checkpoint(src)[0])
+        if lora_rank:
+            apply_lora(rm.backbone, lora_rank, lora_alpha, 0.0, lora_targets)
+        if resume:
+            load_adapters(rm.backbone, ckpt)
+            rm.head.load_state_dict(load_file(Path(ckpt) / REWARD_HEAD_FILE))
+            info = load_checkpoint(ckpt)[1]
+    extend_context(rm.backbone, max(seq_len, rm.config.max_seq_len))
+    return rm, info
 
 
 def load_reward_model(path, device="cpu") -> tuple[RewardModel, dict]:

@@ -208,7 +208,9 @@ def test_lora_reference_is_the_base_model(tok):
         assert torch.allclose(model(x), base(x), atol=1e-5)
     assert not torch.allclose(model(x), base(x), atol=1e-4)  # back on afterwards
     from chatforge.dpo import sequence_logps
+    from chatforge.lora import AdaptersOff
     assert torch.allclose(reference_logps(model, None, b), sequence_logps(base, b), atol=1e-4)
+    assert torch.allclose(AdaptersOff(model)(x), base(x), atol=1e-5)  # GRPO's KL reference, the same way
     # DPO against the adapters-off model == DPO against an explicit copy of the base
     args = (tok, [{"role": "user", "content": "hi"}], "hello there", "go", 0.1)
     with torch.no_grad():
@@ -350,8 +352,9 @@ def test_rlhf_stage_runs_resumes_and_scores(run_root, shared_data, capsys):
     assert rlhf.run(_cfg(root, shared_data, action="score", prompt="hi", replies="a||b"))["results"][0]["scores"]
 
 
-def test_rlhf_lora_dpo_and_bad_inputs(run_root, shared_data, tmp_path, tok):
+def test_rlhf_lora_and_bad_inputs(run_root, shared_data, tmp_path, tok):
     from chatforge.checkpoint import save_checkpoint
+    from chatforge.reward_model import load_reward_model
     from chatforge.config import ConfigError
     from chatforge.stages import rlhf
     from chatforge.tokenizer import Tokenizer
@@ -361,6 +364,18 @@ def test_rlhf_lora_dpo_and_bad_inputs(run_root, shared_data, tmp_path, tok):
     s = rlhf.run(_cfg(root, shared_data, "lora", action="dpo", lora_rank=4, dpo_steps=4, lora_lr=3e-3))
     assert s["dpo"]["lora_rank"] == 4 and s["dpo"]["after"]["polite"]["margin"] > 0
     assert (root / "runs" / "lora" / "rlhf" / "dpo" / "checkpoint" / "lora_adapters.safetensors").exists()
+    # LoRA in the other trainers too: the reward models (adapters + head) and GRPO (KL to the adapters-off base)
+    small = dict(lora_rank=4, lora_lr=3e-3, rm_data=["polite"], rm_steps=3, grpo_data=["polite"], grpo_steps=2,
+                 prompts_per_step=2, group_size=2, max_tokens=8, eval_every=2, eval_prompts=2, checkpoint_every=2)
+    for action in ("rm", "judge", "grpo"):
+        s = rlhf.run(_cfg(root, shared_data, "lora", action=action, **small))
+    out = root / "runs" / "lora" / "rlhf"
+    for a in ("rm", "judge", "grpo"):
+        assert (out / a / "checkpoint" / "lora_adapters.safetensors").exists(), a
+    load_reward_model(out / "rm" / "checkpoint")  # merged weights + head: a plain reward model
+    assert s["grpo"]["steps"] == 2
+    records = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("kl", 0) > 0 for r in records if "loss" in r and "event" not in r)
 
     with pytest.raises(ConfigError, match="--action"):
         rlhf.run(_cfg(root, shared_data, action="ppo"))

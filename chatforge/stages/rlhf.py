@@ -28,7 +28,6 @@ Outputs in runs/<run>/rlhf/:
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import shutil
 from pathlib import Path
@@ -145,11 +144,9 @@ def _schedule(cfg, steps):
 
 def _train_rm(cfg, d, device, kind: str = "rm") -> dict:
     """The reward model (kind "rm", on the train split) or the judge (kind "judge", on the disjoint judge split)."""
-    from chatforge.checkpoint import load_checkpoint
-    from chatforge.finetune import extend_context
+    from chatforge.lora import lora_parameters
     from chatforge.pairs import PairSource
-    from chatforge.reward_model import RewardCheckpointer, RewardModel, describe, load_reward_model, pair_accuracy, \
-        rm_loss
+    from chatforge.reward_model import RewardCheckpointer, build_reward_model, describe, pair_accuracy, rm_loss
     from chatforge.rng import seed_everything
     from chatforge.train_loop import Trainer, prepare_model
 
@@ -158,16 +155,20 @@ def _train_rm(cfg, d, device, kind: str = "rm") -> dict:
     if tok is None:
         return read_done(out)
     seed_everything(cfg.seed)
-    rm, info = load_reward_model(out / "checkpoint") if resume else (RewardModel(load_checkpoint(src)[0]), None)
+    rm, info = build_reward_model(src, out / "checkpoint", resume=resume, lora_rank=cfg.lora_rank,
+                                  lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets, seq_len=cfg.max_seq_len)
     max_len = cfg.max_seq_len or rm.config.max_seq_len
-    extend_context(rm.backbone, max(max_len, rm.config.max_seq_len))  # longer: RoPE tables extended
     with (stage_run(cfg, f"rlhf/{kind}") if d.master else contextlib.nullcontext()) as srun:
         log = srun.log if srun is not None else (lambda **r: None)
         log0(f"rlhf {kind}: reward model from {src}, pairs of {', '.join(cfg.rm_data)} (<= {max_len} tokens):")
         pairs, val, counts = _data(cfg, tok, cfg.rm_data, max_len, log, "train" if kind == "rm" else "judge")
         rm = rm.to(device)
-        params = [p for p in rm.parameters() if p.requires_grad]  # initial_lr: the schedule's base, saved and resumed
-        opt = torch.optim.AdamW([{"params": params, "lr": cfg.rm_lr, "initial_lr": cfg.rm_lr}], betas=(0.9, 0.95),
+        # LoRA: the adapters at --lora_lr and the head at --rm_lr; else everything but the unused LM head at
+        # --rm_lr. initial_lr: the schedule's base, saved and resumed with the optimizer.
+        adapters = lora_parameters(rm.backbone) if cfg.lora_rank else []
+        groups = [(adapters, cfg.lora_lr), (list(rm.head.parameters()), cfg.rm_lr)] if adapters else \
+            [([p for p in rm.parameters() if p.requires_grad], cfg.rm_lr)]
+        opt = torch.optim.AdamW([{"params": ps, "lr": lr, "initial_lr": lr} for ps, lr in groups], betas=(0.9, 0.95),
                                 weight_decay=0.0)
 
         def evaluate(t) -> dict:
@@ -280,16 +281,18 @@ def _train_dpo(cfg, d, device) -> dict:
 
 def _train_grpo(cfg, d, device) -> dict:
     """GRPO (grpo.py) with the reward model's score as the reward, a KL leash, and the judge watching."""
-    from chatforge.checkpoint import load_checkpoint, save_checkpoint
+    from chatforge.checkpoint import save_checkpoint
+    from chatforge.dpo import load_policy
     from chatforge.engine import Engine
-    from chatforge.finetune import sft_optimizer
+    from chatforge.finetune import AdapterCheckpointer, sft_optimizer
     from chatforge.grpo import GrpoSettings, RolloutSource, grpo_loss
+    from chatforge.lora import AdaptersOff, merged_state_dict
     from chatforge.reward_model import check_tokenizers, load_reward_model
     from chatforge.rlhf_grpo import HackingMonitor, RewardModelTask, held_out_scores, prompt_items
     from chatforge.rng import seed_everything
     from chatforge.tasks.preferences import load_pairs
     from chatforge.tokenizer import Tokenizer
-    from chatforge.train_loop import Checkpointer, Trainer, prepare_model
+    from chatforge.train_loop import Checkpointer, Trainer, _FullWeights, prepare_model
 
     src = policy_source(cfg)
     out, tok, tok_dir, resume = _prepare(cfg, d, "grpo", src)
@@ -305,9 +308,11 @@ def _train_grpo(cfg, d, device) -> dict:
         check_tokenizers(Tokenizer.load(rinfo["tokenizer_dir"]), tok, path, src)
         rms[kind].eval().requires_grad_(False)
     seed_everything(cfg.seed)
-    model, info = load_checkpoint(out / "checkpoint" if resume else src)
-    model = model.to(device)
-    ref = (load_checkpoint(src)[0].to(device) if resume else copy.deepcopy(model)).eval().requires_grad_(False)
+    lora = cfg.lora_rank > 0
+    model, ref, info = load_policy(src, out / "checkpoint", resume=resume, lora_rank=cfg.lora_rank,
+                                   lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets, seq_len=cfg.max_seq_len,
+                                   device=device)
+    ref = AdaptersOff(model) if lora else ref  # LoRA: the KL reference is the base weights, adapters off
     kw = dict(data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, judge_fraction=cfg.judge_fraction, seed=cfg.seed,
               controlled_n=cfg.controlled_pairs)
     items = {s: prompt_items([p for n in cfg.grpo_data for p in load_pairs(n, s, **kw)], s) for s in ("train", "val")}
@@ -332,8 +337,8 @@ def _train_grpo(cfg, d, device) -> dict:
             verdict = monitor.update(t.state.step, r["rm_score"], r["judge_score"])
             write_json(out / "monitor.json", monitor.state_dict())
             if verdict["improved"]:  # keep the best policy by the judge
-                save_checkpoint(out / "best", model, tokenizer_dir=tok_dir, meta={"stage": "rlhf", "action": "grpo",
-                                                                                 "step": t.state.step, **r})
+                save_checkpoint(out / "best", _FullWeights(model.config, merged_state_dict(model)), tokenizer_dir=tok_dir,
+                                meta={"stage": "rlhf", "action": "grpo", "step": t.state.step, **r})
             if verdict["stop"]:
                 t.write(f"step {t.state.step}: the judge fell {monitor.falling} evaluations in a row while the reward "
                         f"model rose: stopping (best judge at step {monitor.best_step})")
@@ -341,10 +346,11 @@ def _train_grpo(cfg, d, device) -> dict:
             t.write(f"step {t.state.step:,}: held-out reward model {r['rm_score']:.3f}, judge {r['judge_score']:.3f}")
             return dict(r, stopped_early=float(verdict["stop"]))
 
-        opt = sft_optimizer(model, lora=False, lr_frac=cfg.lr_frac, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
+        opt = sft_optimizer(model, lora=lora, lr_frac=cfg.lr_frac, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
                             unembedding_lr=cfg.unembedding_lr, scalar_lr=cfg.scalar_lr, lora_lr=cfg.lora_lr)
-        ck = Checkpointer(out / "checkpoint", tokenizer_dir=tok_dir, meta={"stage": "rlhf", "action": "grpo",
-                                                                           "run": cfg.run, "source": str(src)})
+        ck = (AdapterCheckpointer if lora else Checkpointer)(
+            out / "checkpoint", tokenizer_dir=tok_dir, meta={"stage": "rlhf", "action": "grpo", "run": cfg.run,
+                                                             "source": str(src)})
         trainer = Trainer(prepare_model(model, d, device), opt, grpo_loss(settings), source,
                           _loop(cfg, cfg.grpo_steps, "judge_score", "rlhf grpo"), dist=d, device=device,
                           amp_dtype=_amp(cfg, device), evaluate=evaluate if d.master else None, checkpointer=ck,
