@@ -47,14 +47,18 @@ class RewardModelTask(RLTask):
             return 0.0, "too_long"
 
 
-def prompt_items(pairs, split: str) -> list[RLItem]:
-    """The distinct prompts of preference pairs as RL items (one per conversation, first seen first)."""
+def prompt_items(pairs, split: str, tok=None, max_prompt: int = 0) -> list[RLItem]:
+    """The distinct prompts of preference pairs as RL items (one per conversation, first seen first); with
+    `tok` and max_prompt, only prompts of at most max_prompt tokens (room for the reply in the context)."""
     seen, out = set(), []
     for p in pairs:
         key = repr(p.prompt)
-        if key not in seen:
-            seen.add(key)
-            out.append(RLItem(f"{split}/{p.id}", p.prompt, ""))
+        if key in seen:
+            continue
+        seen.add(key)
+        if tok is not None and max_prompt and len(tok.render_prompt(p.prompt)) > max_prompt:
+            continue
+        out.append(RLItem(f"{split}/{p.id}", p.prompt, ""))
     return out
 
 

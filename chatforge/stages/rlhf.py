@@ -90,8 +90,9 @@ def _prepare(cfg, d, action: str, src):
         log0(f"rlhf {action}: run '{cfg.run}' is complete ({out / 'DONE'}); pass --force to train again")
         return out, None, None, False
     if cfg.force and d.master:
-        shutil.rmtree(out / "checkpoint", ignore_errors=True)
-        for f in ("metrics.jsonl", "summary.json", "before.json"):
+        for folder in ("checkpoint", "best"):
+            shutil.rmtree(out / folder, ignore_errors=True)
+        for f in ("metrics.jsonl", "summary.json", "before.json", "monitor.json", "hacking.png"):
             (out / f).unlink(missing_ok=True)
     tok_dir = Path(src) / "tokenizer"
     if not tok_dir.is_dir():
@@ -315,8 +316,13 @@ def _train_grpo(cfg, d, device) -> dict:
     ref = AdaptersOff(model) if lora else ref  # LoRA: the KL reference is the base weights, adapters off
     kw = dict(data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, judge_fraction=cfg.judge_fraction, seed=cfg.seed,
               controlled_n=cfg.controlled_pairs)
-    items = {s: prompt_items([p for n in cfg.grpo_data for p in load_pairs(n, s, **kw)], s) for s in ("train", "val")}
+    room = min(model.config.max_seq_len, cfg.max_seq_len or model.config.max_seq_len) - cfg.max_tokens
+    items = {s: prompt_items([p for n in cfg.grpo_data for p in load_pairs(n, s, **kw)], s, tok, room)
+             for s in ("train", "val")}  # prompts that leave room for a reply of --max_tokens
     items["val"] = items["val"][:cfg.eval_prompts]
+    if not items["train"] or not items["val"]:
+        raise ChatforgeError(f"rlhf grpo: {len(items['train'])} training and {len(items['val'])} held-out prompts of "
+                             f"{', '.join(cfg.grpo_data)} fit {room} tokens; raise --max_seq_len or lower --max_tokens")
     task = RewardModelTask(rms["rm"], tok, items, cfg.max_seq_len)
     engine = Engine(model, tok, tools={}, device=device)
     settings = GrpoSettings(prompts=cfg.prompts_per_step, group_size=cfg.group_size, micro_batches=1,
