@@ -62,6 +62,53 @@ def prompt_items(pairs, split: str, tok=None, max_prompt: int = 0) -> list[RLIte
     return out
 
 
+def load_judged_reward_models(run_dir, tok, policy_path, device="cpu") -> dict:
+    """{"rm": the training reward model, "judge": the held-out judge} from <run_dir>/rlhf/{rm,judge}/checkpoint,
+    frozen, on `device`. A missing one, or one whose tokenizer is not the policy's, is a clear error."""
+    from pathlib import Path
+
+    from chatforge.common import ChatforgeError
+    from chatforge.reward_model import check_tokenizers, load_reward_model
+    from chatforge.tokenizer import Tokenizer
+
+    rms = {}
+    for kind in ("rm", "judge"):
+        path = Path(run_dir) / "rlhf" / kind / "checkpoint"
+        if not (path / "config.json").is_file():
+            raise ChatforgeError(f"rlhf grpo needs the {kind} reward model ({path} missing); run `chatforge rlhf "
+                                 f"{kind} --run {Path(run_dir).name}` first")
+        rm, info = load_reward_model(path, device)
+        check_tokenizers(Tokenizer.load(info["tokenizer_dir"]), tok, path, policy_path)
+        rms[kind] = rm.eval().requires_grad_(False)
+    return rms
+
+
+def load_prompts(names: list[str], tok, room: int, eval_prompts: int, **split_kw) -> dict[str, list[RLItem]]:
+    """{"train", "val"}: the distinct prompts of the preference sources `names` that leave room for a reply
+    (at most `room` tokens), at most eval_prompts held out. split_kw: load_pairs' split settings."""
+    from chatforge.common import ChatforgeError
+    from chatforge.tasks.preferences import load_pairs
+
+    items = {s: prompt_items([p for n in names for p in load_pairs(n, s, **split_kw)], s, tok, room)
+             for s in ("train", "val")}
+    items["val"] = items["val"][:eval_prompts]
+    if not items["train"] or not items["val"]:
+        raise ChatforgeError(f"rlhf grpo: {len(items['train'])} training and {len(items['val'])} held-out prompts of "
+                             f"{', '.join(names)} fit {room} tokens; raise --max_seq_len or lower --max_tokens")
+    return items
+
+
+def plot_hacking(metrics, png) -> str | None:
+    """The monitor's curves side by side: training reward (per step), KL to the reference (per step), the
+    held-out reward model and judge scores (per evaluation). None without matplotlib."""
+    try:
+        from chatforge.plots import plot_metrics
+    except ImportError:
+        return None
+    return str(plot_metrics(metrics, png, ["reward", "kl", "eval/rm_score", "eval/judge_score"],
+                            title="GRPO on the reward model: training RM, KL, held-out RM, judge"))
+
+
 @torch.no_grad()
 def mean_score(rm, tok, items: list[RLItem], replies: list[str], max_len: int = 0) -> float:
     """A reward model's mean score of replies[i] to items[i] (held-out greedy replies)."""

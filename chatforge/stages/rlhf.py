@@ -288,41 +288,25 @@ def _train_grpo(cfg, d, device) -> dict:
     from chatforge.finetune import AdapterCheckpointer, sft_optimizer
     from chatforge.grpo import GrpoSettings, RolloutSource, grpo_loss
     from chatforge.lora import AdaptersOff, merged_state_dict
-    from chatforge.reward_model import check_tokenizers, load_reward_model
-    from chatforge.rlhf_grpo import HackingMonitor, RewardModelTask, held_out_scores, prompt_items
+    from chatforge.rlhf_grpo import HackingMonitor, RewardModelTask, held_out_scores, load_judged_reward_models, \
+        load_prompts, plot_hacking
     from chatforge.rng import seed_everything
-    from chatforge.tasks.preferences import load_pairs
-    from chatforge.tokenizer import Tokenizer
     from chatforge.train_loop import Checkpointer, Trainer, _FullWeights, prepare_model
 
     src = policy_source(cfg)
     out, tok, tok_dir, resume = _prepare(cfg, d, "grpo", src)
     if tok is None:
         return read_done(out)
-    rms = {}
-    for kind in ("rm", "judge"):  # both must exist and read the policy's tokens
-        path = stage_dir(cfg, f"rlhf/{kind}") / "checkpoint"
-        if not (path / "config.json").is_file():
-            raise ChatforgeError(f"rlhf grpo needs the {kind} reward model ({path} missing); run `chatforge rlhf "
-                                 f"{kind} --run {cfg.run}` first")
-        rms[kind], rinfo = load_reward_model(path, device)
-        check_tokenizers(Tokenizer.load(rinfo["tokenizer_dir"]), tok, path, src)
-        rms[kind].eval().requires_grad_(False)
+    rms = load_judged_reward_models(Path(cfg.runs_dir) / cfg.run, tok, src, device)  # frozen, tokenizers checked
     seed_everything(cfg.seed)
     lora = cfg.lora_rank > 0
     model, ref, info = load_policy(src, out / "checkpoint", resume=resume, lora_rank=cfg.lora_rank,
                                    lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets, seq_len=cfg.max_seq_len,
                                    device=device)
     ref = AdaptersOff(model) if lora else ref  # LoRA: the KL reference is the base weights, adapters off
-    kw = dict(data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, judge_fraction=cfg.judge_fraction, seed=cfg.seed,
-              controlled_n=cfg.controlled_pairs)
     room = min(model.config.max_seq_len, cfg.max_seq_len or model.config.max_seq_len) - cfg.max_tokens
-    items = {s: prompt_items([p for n in cfg.grpo_data for p in load_pairs(n, s, **kw)], s, tok, room)
-             for s in ("train", "val")}  # prompts that leave room for a reply of --max_tokens
-    items["val"] = items["val"][:cfg.eval_prompts]
-    if not items["train"] or not items["val"]:
-        raise ChatforgeError(f"rlhf grpo: {len(items['train'])} training and {len(items['val'])} held-out prompts of "
-                             f"{', '.join(cfg.grpo_data)} fit {room} tokens; raise --max_seq_len or lower --max_tokens")
+    items = load_prompts(cfg.grpo_data, tok, room, cfg.eval_prompts, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction,
+                         judge_fraction=cfg.judge_fraction, seed=cfg.seed, controlled_n=cfg.controlled_pairs)
     task = RewardModelTask(rms["rm"], tok, items, cfg.max_seq_len)
     engine = Engine(model, tok, tools={}, device=device)
     settings = GrpoSettings(prompts=cfg.prompts_per_step, group_size=cfg.group_size, micro_batches=1,
@@ -373,14 +357,7 @@ def _train_grpo(cfg, d, device) -> dict:
                    "reward_reasons": dict(source.reward_stats.counts), "checkpoint": str(out / "checkpoint")}
         write_json(out / "summary.json", summary)
         srun.close()
-        try:
-            from chatforge.plots import plot_metrics
-
-            summary["plot"] = str(plot_metrics(out / "metrics.jsonl", out / "hacking.png",
-                                               ["reward", "kl", "eval/rm_score", "eval/judge_score"],
-                                               title="GRPO on the reward model: training RM, KL, held-out RM, judge"))
-        except ImportError:
-            log0("matplotlib is not installed: no hacking.png")
+        summary["plot"] = plot_hacking(out / "metrics.jsonl", out / "hacking.png")
         srun.finish(summary)
         h = monitor.history
         if h:
