@@ -19,3 +19,14 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     mid = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
     return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def pooled(results: dict[str, dict], key: str) -> float:
+    """The mean of `key` over several sources' results weighted by their counts `n` (the rate over all
+    their items together).
+
+    >>> pooled({"a": {"acc": 1.0, "n": 3}, "b": {"acc": 0.0, "n": 1}}, "acc")
+    0.75
+    """
+    n = sum(r["n"] for r in results.values())
+    return sum(r[key] * r["n"] for r in results.values()) / n if n else float("nan")

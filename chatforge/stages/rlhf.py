@@ -38,6 +38,7 @@ from chatforge.common import ChatforgeError, is_complete, log0, read_done, sourc
     stage_run, write_json
 from chatforge.config import ConfigError, RlhfConfig
 from chatforge.distributed import training_process
+from chatforge.stats import pooled
 
 
 def run(cfg: RlhfConfig) -> dict:
@@ -175,9 +176,7 @@ def _train_rm(cfg, d, device, kind: str = "rm") -> dict:
         def evaluate(t) -> dict:
             r = {n: pair_accuracy(rm, v, tok.bos_id, cfg.batch_size, device) for n, v in val.items()}
             t.write(f"step {t.state.step:,}: held-out accuracy " + ", ".join(f"{n} {x['accuracy']:.1%}" for n, x in r.items()))
-            res = {f"{n}/{k}": v for n, x in r.items() for k, v in x.items()}
-            res["accuracy"] = sum(x["accuracy"] * x["n"] for x in r.values()) / sum(x["n"] for x in r.values())
-            return res
+            return dict(_flat(r), accuracy=pooled(r, "accuracy"))
 
         ck = RewardCheckpointer(out / "checkpoint", tokenizer_dir=tok_dir,
                                 meta={"stage": "rlhf", "action": kind, "run": cfg.run, "source": str(src)})
@@ -194,7 +193,7 @@ def _train_rm(cfg, d, device, kind: str = "rm") -> dict:
         after = {n: pair_accuracy(rm, v, tok.bos_id, cfg.batch_size, device) for n, v in val.items()}
         summary = {"source": str(src), "steps": state.step, "train_seconds": round(state.train_time, 1),
                    "accuracy": after, "pairs": counts, "checkpoint": str(out / "checkpoint")}
-        log(event="after", **{f"{n}/{k}": v for n, x in after.items() for k, v in x.items()})
+        log(event="after", **_flat(after))
         write_json(out / "summary.json", summary)
         srun.finish(summary)
         log0(f"rlhf {kind} done: {state.step} steps in {state.train_time:.0f} s; held-out pairwise accuracy:\n"
@@ -253,9 +252,7 @@ def _train_dpo(cfg, d, device) -> dict:
             r = measure()
             t.write(f"step {t.state.step:,}: held-out " + ", ".join(
                 f"{n} margin {x['margin']:.3f} preferred {x['implicit_accuracy']:.1%}" for n, x in r.items()))
-            res = _flat(r)
-            res["implicit_accuracy"] = sum(x["implicit_accuracy"] * x["n"] for x in r.values()) / sum(x["n"] for x in r.values())
-            return res
+            return dict(_flat(r), implicit_accuracy=pooled(r, "implicit_accuracy"))
 
         kind = AdapterCheckpointer if lora else Checkpointer
         ck = kind(ck_path, tokenizer_dir=tok_dir, meta={"stage": "rlhf", "action": "dpo", "run": cfg.run,
