@@ -330,6 +330,15 @@ def test_rlhf_stage_runs_resumes_and_scores(run_root, shared_data, capsys):
     assert [r["step"] for r in records if "loss" in r and "event" not in r] == [1, 2, 3, 4, 5, 6]
     assert all("margin" in r for r in records if "loss" in r and "event" not in r)
     assert rlhf.run(_cfg(root, shared_data))["dpo"]["steps"] == 6  # complete: a no-op
+    # the DPO policy is the run's "rlhf" checkpoint for evaluation and the report
+    from chatforge.config import EvalConfig
+    from chatforge.report import latest_checkpoint
+    from chatforge.stages.evaluate import targets
+    ev = dict(run="r", runs_dir=str(root / "runs"))
+    assert targets(EvalConfig(**ev, source="rlhf")) == [("rlhf", out / "dpo" / "checkpoint")]
+    assert ("rlhf", out / "dpo" / "checkpoint") in targets(EvalConfig(**ev))
+    assert targets(EvalConfig(**ev, source=str(out / "dpo" / "checkpoint")))[0][0] == "rlhf"
+    assert latest_checkpoint(root / "runs" / "r") == out / "dpo" / "checkpoint"
 
     # stopped after the step-3 checkpoints and resumed: the same weights as the uninterrupted run
     _copy_sft(root, "split")
