@@ -281,7 +281,8 @@ def _stage_runs_and_resumes(root, shared_data, rl):
     for key in ("reward", "correct", "response_length", "entropy", "clip_fraction", "pg_loss"):
         assert all(key in r for r in steps), key
     evals = [r for r in records if r.get("event") == "eval"]
-    assert [r["step"] for r in evals] == [2, 4] and all("pass@1" in r and "pass@k" in r for r in evals)
+    assert [r["step"] for r in evals] == [0, 2, 4] and all("pass@1" in r and "pass@k" in r for r in evals)
+    assert evals[0]["pass@1"] == s["before"]["pass@1"]  # the curve starts at the source's score
     for key in ("before", "after", "before_gsm8k", "after_gsm8k"):
         assert 0 <= s[key]["pass@1"] <= 1 and s[key]["pass@1_low"] <= s[key]["pass@1"] <= s[key]["pass@1_high"]
     assert s["after"]["n"] == 4 and s["after_gsm8k"]["n"] == 2

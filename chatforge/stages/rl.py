@@ -143,6 +143,8 @@ def _stage(cfg, d, device, out, src, model, info, tok, resume, log, srun) -> dic
         if gsm_items:
             summary["before_gsm8k"] = evaluate_task(engine, tok, gsm, gsm_items, **dict(ev, max_tokens=cfg.gsm8k_max_tokens))
         log(event="before", **_flat(summary))
+        # the source's score as the held-out curve's step 0 (reward.png starts from where RL started)
+        log(event="eval", step=0, **{k: v for k, v in summary["before"].items() if isinstance(v, (int, float))})
         write_json(out / "before.json", {k: summary[k] for k in ("before", "before_gsm8k") if k in summary})
         log0(f"rl: before: {_describe(summary['before'])}")
 
