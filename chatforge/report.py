@@ -338,6 +338,10 @@ def _stage_work(name: str, done: dict | None) -> str:
         return f"{_fmt_int(done['chars'])} chars, vocab {_fmt_int(done.get('vocab_size'))}"
     if name == "eval" and "checkpoints" in done:
         return f"{done['checkpoints']} checkpoint(s)"
+    if name == "rl" and "steps" in done:
+        return f"{_fmt_int(done['steps'])} steps on {done.get('task')}"
+    if name == "rlhf" and isinstance(done.get("rm"), dict):
+        return f"RM {_fmt_int(done['rm'].get('steps'))} + DPO {_fmt_int((done.get('dpo') or {}).get('steps'))} steps"
     if name == "index" and "passages" in done:
         return f"{_fmt_int(done['passages'])} passages"
     if "tokens" in done:
@@ -530,6 +534,73 @@ def metrics_section(info: RunInfo) -> list[Block]:
     return blocks
 
 
+def _pct(r: dict | None, key: str, ci: bool = True) -> str:
+    """"84.4% [73.6, 91.3] of 64" from a result with key, key_low, key_high and n; "-" when absent."""
+    if not isinstance(r, dict) or not isinstance(r.get(key), (int, float)):
+        return "-"
+    text = f"{r[key]:.1%}"
+    if ci and isinstance(r.get(f"{key}_low"), (int, float)):
+        text += f" [{r[f'{key}_low']:.1%}, {r[f'{key}_high']:.1%}]"
+    return text + (f" of {r['n']}" if "n" in r else "")
+
+
+def _get(d, *keys):
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def stage_results_section(info: RunInfo) -> list[Block]:
+    """What each training stage measured on its own held-out items (its summary.json): the before /
+    after the stage was built to move, which the shared suite above does not see (the RL task, the
+    reward model's accuracy, DPO's preferred-reply rate)."""
+    rows: list[list[str]] = []
+
+    def summary(path: str) -> dict | None:
+        return _read_json(info.root / path) if (info.root / path).exists() else None
+
+    sft = summary("sft/summary.json")
+    if sft:
+        for what, keys in (("held-out replies well-formed", ("well_formed", "well_formed_rate")),
+                           ("identity: names itself and its maker", ("identity", "name_and_maker_rate")),
+                           ("letter counting with python: right", ("letter_count", "correct_rate")),
+                           ("arithmetic with python: right", ("arithmetic", "correct_rate")),
+                           ("probe: known people answered right", ("probe", "known_correct_rate")),
+                           ("probe: withheld people refused", ("probe", "unknown_refusal_rate"))):
+            before, after = _get(sft, "before", *keys), _get(sft, "after", *keys)
+            if after is not None:
+                rows.append(["SFT", what, "-" if before is None else f"{before:.1%}", f"{after:.1%}"])
+        if isinstance(_get(sft, "after", "bpb"), (int, float)):
+            rows.append(["SFT", "pretraining text bits/byte", f"{sft['before']['bpb']:.4f}", f"{sft['after']['bpb']:.4f}"])
+    rl = summary("rl/summary.json")
+    if rl and "after" in rl:
+        rows.append(["RL", f"{rl.get('task')}: held-out pass@1 (greedy)", _pct(rl.get("before"), "pass@1"),
+                     _pct(rl["after"], "pass@1")])
+        if "pass@k" in rl["after"]:
+            rows.append(["RL", f"{rl.get('task')}: held-out pass@{rl['after'].get('k')}",
+                         _pct(rl.get("before"), "pass@k", False), _pct(rl["after"], "pass@k", False)])
+        if "after_gsm8k" in rl:
+            rows.append(["RL", "GSM8K pass@1 (greedy)", _pct(rl.get("before_gsm8k"), "pass@1"),
+                         _pct(rl["after_gsm8k"], "pass@1")])
+    rm = summary("rlhf/rm/summary.json")
+    for src, r in ((rm or {}).get("accuracy") or {}).items():
+        chance = "above chance" if r.get("accuracy_low", 0) > 0.5 else "not above chance"
+        rows.append(["RLHF", f"reward model, held-out pairs: {src} ({chance})", "-", _pct(r, "accuracy")])
+    dpo = summary("rlhf/dpo/summary.json")
+    for src, r in ((dpo or {}).get("after") or {}).items():
+        b = _get(dpo, "before", src) or {}
+        rows.append(["RLHF", f"DPO, held-out {src}: preferred by implicit reward", _pct(b, "implicit_accuracy"),
+                     _pct(r, "implicit_accuracy")])
+        if isinstance(r.get("margin"), (int, float)):
+            rows.append(["RLHF", f"DPO, held-out {src}: implicit reward margin", f"{b.get('margin', 0):.3f}",
+                         f"{r['margin']:.3f}"])
+    if not rows:
+        return []
+    return [Heading("What each training stage measured"), Table(["stage", "measurement", "before", "after"], rows, "llrr"),
+            Para("Each stage's own before / after on items it never trained on (95% Wilson intervals in brackets), "
+                 "from its summary.json. A reward model or DPO result whose interval includes 50% is chance.")]
+
+
 def probes_section(info: RunInfo) -> list[Block]:
     labels = [lab for lab, _ in CHECKPOINT_STAGES]
     blocks: list[Block] = [Heading("Weak-spot probes")]
@@ -577,6 +648,7 @@ def build_report(root: Path, out_dir: Path, gpu_setups: Sequence[GpuSetup] = (),
     blocks += tokenizer_section(info)
     curves, pngs = curves_section(info, out_dir)
     blocks += curves
+    blocks += stage_results_section(info)
     blocks += metrics_section(info)
     blocks += probes_section(info)
     return blocks, pngs

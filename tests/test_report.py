@@ -108,6 +108,34 @@ def test_report_sections(run):
     assert table_rows(md, "fictional people in pretraining (answers)")[2] == "-"
 
 
+def test_stage_results_read_each_stage_summary(run):
+    """The stages' own before / after (the RL task, the reward model, DPO) from their summary.json files,
+    in the formats rl, rlhf rm and rlhf dpo write; chance is called where the interval includes 50%."""
+    write_json(run / "rl" / "summary.json", {
+        "task": "arithmetic1",
+        "before": {"pass@1": 0.078125, "pass@1_low": 0.034, "pass@1_high": 0.17, "n": 64, "pass@k": 0.17, "k": 4},
+        "after": {"pass@1": 0.84375, "pass@1_low": 0.736, "pass@1_high": 0.913, "n": 64, "pass@k": 0.875, "k": 4}})
+    write_json(run / "rl" / "DONE", {"stage": "rl", "seconds": 250.0, "steps": 30, "task": "arithmetic1"})
+    write_json(run / "rlhf" / "rm" / "summary.json", {"accuracy": {
+        "polite": {"accuracy": 1.0, "accuracy_low": 0.963, "accuracy_high": 1.0, "n": 100},
+        "hh": {"accuracy": 0.432, "accuracy_low": 0.337, "accuracy_high": 0.532, "n": 95}}})
+    write_json(run / "rlhf" / "dpo" / "summary.json", {
+        "before": {"hh": {"implicit_accuracy": 0.0, "implicit_accuracy_low": 0.0, "implicit_accuracy_high": 0.039,
+                          "margin": 0.0, "n": 95}},
+        "after": {"hh": {"implicit_accuracy": 0.6, "implicit_accuracy_low": 0.499, "implicit_accuracy_high": 0.693,
+                         "margin": 0.096, "n": 95}}})
+    md = write_report(run)["md"].read_text()
+    assert "## What each training stage measured" in md
+    assert table_rows(md, "RL")[1:] == ["arithmetic1: held-out pass@1 (greedy)", "7.8% [3.4%, 17.0%] of 64",
+                                        "84.4% [73.6%, 91.3%] of 64"]
+    rows = [ln for ln in md.splitlines() if ln.startswith("| RLHF ")]
+    assert "polite (above chance)" in rows[0] and "100.0% [96.3%, 100.0%] of 100" in rows[0]
+    assert "hh (not above chance)" in rows[1] and "43.2% [33.7%, 53.2%] of 95" in rows[1]
+    assert "0.0% [0.0%, 3.9%] of 95" in rows[2] and "60.0% [49.9%, 69.3%] of 95" in rows[2]
+    assert [c.strip() for c in rows[3].split("|")[2:5]] == ["DPO, held-out hh: implicit reward margin", "0.000", "0.096"]
+    assert table_rows(md, "rl")[3] == "30 steps on arithmetic1"
+
+
 def test_markdown_lines_up_and_html_is_self_contained(run):
     paths = write_report(run, gpu_setups=setups())
     md = paths["md"].read_text()

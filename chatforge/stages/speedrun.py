@@ -20,12 +20,12 @@ from chatforge.config import PIPELINE, STAGE_CONFIGS, CommonConfig, SpeedrunConf
 from chatforge.report import latest_checkpoint
 
 
-# Seconds each stage took with the tiny preset on a 2-core CPU machine (README command 1, 2026-12-01):
-# the progress line's estimate of the time left scales these by how long the stages run so far took
-# against their entry. Other presets show the elapsed time only (their stages print their own ETAs).
-TINY_SECONDS = {"data": 30, "facts": 1, "tokenizer": 3, "pretrain": 1465, "index": 1, "sft": 365, "rl": 600,
-                "rlhf": 360,  # estimated from timed parts (config.py's tiny "rlhf" note), not a full speedrun
-                "evaluate": 60, "report": 2}
+# Seconds each stage took with the tiny preset on a quiet 2-core AMD EPYC (README command 1 in a fresh
+# clone, 2026-12-02): the progress line's estimate of the time left scales these by how long the stages
+# run so far took against their entry. Other presets show the elapsed time only (their stages print
+# their own ETAs).
+TINY_SECONDS = {"data": 13, "facts": 1, "tokenizer": 2, "pretrain": 382, "index": 1, "sft": 85, "rl": 257,
+                "rlhf": 168, "evaluate": 18, "report": 1}
 # Stages that are not skipped when complete: they keep their finished parts and redo the rest.
 ALWAYS_RUN = ("evaluate", "report")
 
