@@ -464,3 +464,8 @@ def test_rlhf_grpo_with_judge(run_root, shared_data):
     steps = [r for r in records if "loss" in r and "event" not in r]
     assert len(steps) == 4 and all("reward" in r and "kl" in r for r in steps)
     assert all("judge_score" in r and "rm_score" in r for r in records if r.get("event") == "eval")
+    # --kl_budget: a budget the first update already exceeds stops the run after the next step
+    g2 = rlhf.run(_cfg(root, shared_data, "g", action="grpo", force=True, kl_budget=1e-12, **small))["grpo"]
+    assert g2["steps"] == 3 and g2["stopped_early"] and g2["kl_budget"] == 1e-12
+    evals = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kl_since_eval"] > 1e-12 for r in evals if r.get("event") == "eval" and r["step"] == 2] == [True]

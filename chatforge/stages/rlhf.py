@@ -65,7 +65,7 @@ def check_config(cfg: RlhfConfig) -> None:
     for n in ("batch_size", "grad_accum"):
         need(getattr(cfg, n) >= 1, n, "at least 1")
     for n in ("rm_steps", "dpo_steps", "train_pairs", "eval_pairs", "controlled_pairs", "max_seq_len", "nll_coef",
-              "lora_rank", "eval_every", "checkpoint_every"):
+              "lora_rank", "eval_every", "checkpoint_every", "kl_budget"):
         need(getattr(cfg, n) >= 0, n, "at least 0")
     need(cfg.beta > 0, "beta", "positive")
     need(cfg.rm_lr > 0 and cfg.lr_frac > 0 and cfg.lora_lr > 0, "rm_lr", "positive (and --lr_frac, --lora_lr too)")
@@ -315,7 +315,13 @@ def _train_grpo(cfg, d, device) -> dict:
     if resume and (out / "monitor.json").exists():
         monitor.load_state_dict(json.loads((out / "monitor.json").read_text()))
     with (stage_run(cfg, "rlhf/grpo") if d.master else contextlib.nullcontext()) as srun:
-        log = srun.log if srun is not None else (lambda **r: None)
+        log_record = srun.log if srun is not None else (lambda **r: None)
+        kls: list[float] = []  # per-step KL since the last evaluation, for --kl_budget
+
+        def log(**r):
+            if "kl" in r and "event" not in r:
+                kls.append(r["kl"])
+            log_record(**r)
         log0(f"rlhf grpo: policy {src}, {len(items['train']):,} prompts of {', '.join(cfg.grpo_data)}, "
              f"{cfg.prompts_per_step} x {cfg.group_size} replies per step, KL coefficient {cfg.kl_coef}")
 
@@ -323,12 +329,19 @@ def _train_grpo(cfg, d, device) -> dict:
             r = held_out_scores(engine, tok, items["val"], rms, cfg.max_tokens, cfg.max_seq_len)
             verdict = monitor.update(t.state.step, r["rm_score"], r["judge_score"])
             write_json(out / "monitor.json", monitor.state_dict())
+            if kls:
+                r["kl_since_eval"] = sum(kls) / len(kls)
+                kls.clear()
+                if cfg.kl_budget and r["kl_since_eval"] > cfg.kl_budget:
+                    t.write(f"step {t.state.step}: KL {r['kl_since_eval']:.4f} is over the budget {cfg.kl_budget}: stopping")
+                    verdict["stop"] = True
             if verdict["improved"]:  # keep the best policy by the judge
                 save_checkpoint(out / "best", _FullWeights(model.config, merged_state_dict(model)), tokenizer_dir=tok_dir,
                                 meta={"stage": "rlhf", "action": "grpo", "step": t.state.step, **r})
-            if verdict["stop"]:
+            if verdict["stop"] and monitor.falling >= monitor.patience:
                 t.write(f"step {t.state.step}: the judge fell {monitor.falling} evaluations in a row while the reward "
                         f"model rose: stopping (best judge at step {monitor.best_step})")
+            if verdict["stop"]:
                 t.config.num_steps = min(t.config.num_steps, t.state.step + 1)  # finish this step, checkpoint, end
             t.write(f"step {t.state.step:,}: held-out reward model {r['rm_score']:.3f}, judge {r['judge_score']:.3f}")
             return dict(r, stopped_early=float(verdict["stop"]))
@@ -349,7 +362,8 @@ def _train_grpo(cfg, d, device) -> dict:
         state = trainer.run()
         if not d.master:
             return {}
-        summary = {"source": str(src), "steps": state.step, "kl_coef": cfg.kl_coef, "monitor": monitor.state_dict(),
+        summary = {"source": str(src), "steps": state.step, "kl_coef": cfg.kl_coef, "kl_budget": cfg.kl_budget,
+                   "monitor": monitor.state_dict(),
                    "stopped_early": state.step < cfg.grpo_steps, "best": str(out / "best"),
                    "reward_reasons": dict(source.reward_stats.counts), "checkpoint": str(out / "checkpoint")}
         write_json(out / "summary.json", summary)
