@@ -20,7 +20,7 @@ from chatforge.config import PIPELINE, STAGE_CONFIGS, CommonConfig, SpeedrunConf
 from chatforge.report import latest_checkpoint
 
 
-# Seconds each stage took with the tiny preset on a quiet 2-core AMD EPYC (README command 1 in a fresh
+# Seconds each stage took with the tiny preset on a quiet 2-core Intel Xeon VM (README command 1 in a fresh
 # clone, 2026-12-02): the progress line's estimate of the time left scales these by how long the stages
 # run so far took against their entry. Other presets show the elapsed time only (their stages print
 # their own ETAs).

@@ -153,13 +153,22 @@ def _setup():
               "os.symlink", "os.truncate", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile"}
     write = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     real, fspath, str_ = os.path.realpath, os.fspath, str
+    exists, dirname, access, W_OK = os.path.exists, os.path.dirname, os.access, os.W_OK
 
     def inside(p):
         try:
             p = real(fspath(p))
         except Exception:
             return False
-        return p == home or p.startswith(home + "/")
+        if not (p == home or p.startswith(home + "/")):
+            return False
+        # Under the scratch folder, but maybe inside a read-only bind of the interpreter's folders (a venv
+        # that lives under /tmp on the host shows up under the sandbox's /tmp too): writable only where
+        # the nearest existing folder is.
+        d = p
+        while d != home and not exists(d):
+            d = dirname(d)
+        return access(d, W_OK)
 
     def hook(event, args):
         if event in deny:
