@@ -565,6 +565,11 @@ class Batch:
                 self.logits = self.logits[keep] if keep else None
         self.rows = [self.rows[i] for i in keep]
         self.feed = feed
+        # Slots every remaining row has as padding (the rows that had none have finished) are dead
+        # weight: every decode step would attend over them. Drop them, so a batch that keeps admitting
+        # requests keeps a cache as long as its oldest running row, not one that grows to the context.
+        if self.cache is not None and self.cache.pad is not None and int(self.cache.pad.min()) > 0:
+            self.cache.trim_left(int(self.cache.pad.min()))
 
     def _admit(self) -> None:
         """Prefill the waiting requests that fit (one left-padded forward) and merge them in."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import gzip
 import json
 import math
 import operator
@@ -177,12 +178,12 @@ def _emit(messages: list[dict], key: str, split: str, val_fraction: float, stats
     return True
 
 
-def _jsonl(path, stats: SourceStats) -> Iterator[Any]:
-    """Records of a JSON-lines file; a line that is not JSON is counted and skipped."""
+def read_jsonl(path, stats: SourceStats, what: str = "conversation") -> Iterator[Any]:
+    """Records of a JSON-lines file (.jsonl or .jsonl.gz); a line that is not JSON is counted and skipped."""
     try:
-        f = open(path, encoding="utf-8")
+        f = gzip.open(path, "rt", encoding="utf-8") if str(path).endswith(".gz") else open(path, encoding="utf-8")
     except OSError as e:
-        raise ChatforgeError(f"conversation file '{path}' could not be read ({e})") from None
+        raise ChatforgeError(f"{what} file '{path}' could not be read ({e})") from None
     with f:
         for line in f:
             if not line.strip():
@@ -225,7 +226,7 @@ def oasst_conversations(path: str = "chat/oasst/en_100_tree.jsonl", data_dir: st
     a leaf (keeps multi-turn threads); a trailing user message with no reply is dropped."""
     _check_split(split)
     stats = stats if stats is not None else SourceStats("oasst")
-    for rec in _jsonl(data_path(path, data_dir), stats):
+    for rec in read_jsonl(data_path(path, data_dir), stats):
         node = rec.get("prompt") if isinstance(rec, dict) else None
         if not isinstance(node, dict):
             stats.skip("not_a_tree")
@@ -264,7 +265,7 @@ def self_instruct_conversations(paths: Iterable[str] = SELF_INSTRUCT_FILES, data
     _check_split(split)
     stats = stats if stats is not None else SourceStats("self_instruct")
     for path in paths:
-        for rec in _jsonl(data_path(path, data_dir), stats):
+        for rec in read_jsonl(data_path(path, data_dir), stats):
             if not isinstance(rec, dict) or not isinstance(rec.get("instances"), list):
                 stats.skip("no_instances")
                 continue
@@ -394,10 +395,10 @@ def bfcl_conversations(paths: tuple[str, str] = BFCL_FILES, data_dir: str = "", 
     stats = stats if stats is not None else SourceStats("bfcl")
     qpath, apath = (data_path(p, data_dir) for p in paths)
     answers = {}
-    for rec in _jsonl(apath, SourceStats()):
+    for rec in read_jsonl(apath, SourceStats()):
         if isinstance(rec, dict) and isinstance(rec.get("ground_truth"), list):
             answers[rec.get("id")] = rec["ground_truth"]
-    for rec in _jsonl(qpath, stats):
+    for rec in read_jsonl(qpath, stats):
         if not isinstance(rec, dict):
             stats.skip("bad_record")
             continue
@@ -499,7 +500,7 @@ def gsm8k_tool_conversations(path: str = "math/gsm8k/train.jsonl", data_dir: str
     gsm8k_tool_messages). A record whose annotation is not plain arithmetic is skipped and counted."""
     _check_split(split)
     stats = stats if stats is not None else SourceStats("gsm8k_tools")
-    for n, rec in enumerate(_jsonl(data_path(path, data_dir), stats)):
+    for n, rec in enumerate(read_jsonl(data_path(path, data_dir), stats)):
         if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or not isinstance(rec.get("answer"), str):
             stats.skip("bad_record")
             continue

@@ -28,7 +28,6 @@ must learn them; the real sets show what it makes of human judgement, reported b
 
 from __future__ import annotations
 
-import gzip
 import json
 import random
 import re
@@ -36,7 +35,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from chatforge.common import ChatforgeError, data_path
-from chatforge.tasks.conversations import OASST_ROLES, SourceStats, check_conversation, hash_unit
+from chatforge.tasks.conversations import OASST_ROLES, SourceStats, check_conversation, hash_unit, read_jsonl
 
 SPLITS = ("train", "val", "judge")
 HH_FILE = "preference/hh_rlhf_harmless_base_test.jsonl.gz"
@@ -99,21 +98,6 @@ def _emit(pair: PreferencePair, key: str, split: str, val_fraction: float, judge
     return True
 
 
-def _lines(path, stats: SourceStats) -> Iterator:
-    """JSON records of a .jsonl or .jsonl.gz file; a line that is not JSON is counted and skipped."""
-    try:
-        f = gzip.open(path, "rt", encoding="utf-8") if str(path).endswith(".gz") else open(path, encoding="utf-8")
-    except OSError as e:
-        raise ChatforgeError(f"preference file '{path}' could not be read ({e})") from None
-    with f:
-        for line in f:
-            if not line.strip():
-                continue
-            stats.records += 1
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                stats.skip("not_json")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +145,7 @@ def hh_pairs(path: str = HH_FILE, data_dir: str = "", split: str = "train", val_
              judge_fraction: float = 0.0, stats: SourceStats | None = None) -> Iterator[PreferencePair]:
     _check_split(split)
     stats = stats if stats is not None else SourceStats("hh")
-    for i, rec in enumerate(_lines(data_path(path, data_dir), stats)):
+    for i, rec in enumerate(read_jsonl(data_path(path, data_dir), stats, "preference")):
         pair, reason = hh_pair(rec, i)
         if pair is None:
             stats.skip(reason)
@@ -212,7 +196,7 @@ def oasst_pairs(path: str = OASST_FILE, data_dir: str = "", split: str = "train"
     """Every ranked pair of every tree; a whole tree lands in one split (its pairs share prompts)."""
     _check_split(split)
     stats = stats if stats is not None else SourceStats("oasst")
-    for i, rec in enumerate(_lines(data_path(path, data_dir), stats)):
+    for i, rec in enumerate(read_jsonl(data_path(path, data_dir), stats, "preference")):
         root = rec.get("prompt") if isinstance(rec, dict) else None
         if not isinstance(root, dict):
             stats.skip("not_a_tree")
