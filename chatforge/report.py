@@ -47,11 +47,13 @@ CURVES: dict[str, list[tuple[str, list[str]]]] = {
     "pretrain": [("train loss (nats/token)", ["smooth_loss", "loss"]), ("validation bits per byte", ["val_bpb"])],
     "sft": [("train loss", ["smooth_loss", "loss"]), ("validation loss", ["val_loss", "val_bpb"])],
     "rl": [("reward", ["reward", "mean_reward"]), ("pass@1", ["pass@1", "accuracy"]), ("KL", ["kl"])],
-    "rlhf": [("DPO loss", ["smooth_loss", "loss"]), ("held-out implicit reward margin", ["polite/margin", "margin"]),
-             ("reward", ["reward", "mean_reward"]), ("KL", ["kl"]), ("judge score", ["judge", "judge_score", "win_rate"])],
+    "rlhf": [("DPO loss", ["smooth_loss", "loss"]), ("held-out implicit reward margin", ["polite/margin", "margin"])],
+    # `rlhf grpo` (not in the speedrun): the reward-hacking monitor's four curves
+    "rlhf_grpo": [("reward (training RM)", ["reward"]), ("KL to the start", ["kl"]),
+                  ("held-out RM score", ["rm_score"]), ("judge score (held-out RM)", ["judge_score"])],
 }
-# Where a stage's curves are read from, when not <stage>/metrics.jsonl.
-CURVE_FILES: dict[str, str] = {"rlhf": "dpo/metrics.jsonl"}
+# Where a stage's curves are read from, when not <stage>/metrics.jsonl: (stage folder, file).
+CURVE_FILES: dict[str, tuple[str, str]] = {"rlhf": ("rlhf", "dpo/metrics.jsonl"), "rlhf_grpo": ("rlhf", "grpo/metrics.jsonl")}
 
 
 @dataclass
@@ -441,10 +443,14 @@ def plot_curves(records: list[dict], panels: list[tuple[str, list[str]]], png: P
 def curves_section(info: RunInfo, out_dir: Path) -> tuple[list[Block], list[Path]]:
     blocks: list[Block] = [Heading("Training curves")]
     written = []
-    titles = {"pretrain": "Pretraining", "sft": "SFT", "rl": "RL", "rlhf": "RLHF"}
+    titles = {"pretrain": "Pretraining", "sft": "SFT", "rl": "RL", "rlhf": "RLHF (DPO)",
+              "rlhf_grpo": "RLHF (GRPO against the reward model, judged by a second one)"}
     for stage, panels in CURVES.items():
-        st = info.stages.get(stage)
-        records = read_metrics(st["dir"] / CURVE_FILES.get(stage, "metrics.jsonl")) if st else []
+        folder, file = CURVE_FILES.get(stage, (stage, "metrics.jsonl"))
+        st = info.stages.get(folder)
+        if stage == "rlhf_grpo" and not (st and (st["dir"] / file).exists()):
+            continue  # an optional action: no "not run yet" line for it
+        records = read_metrics(st["dir"] / file) if st else []
         png = out_dir / f"{stage}.png"
         unigram = next((r.get("unigram_bpb") for r in records if r.get("event") == "baseline"), None)
         lines = {"val_bpb": ("unigram", unigram)} if isinstance(unigram, (int, float)) else None
