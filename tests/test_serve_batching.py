@@ -123,3 +123,29 @@ def test_cancel_in_a_running_batch_and_recovery_from_a_failed_step(engine, monke
 
 def alone_short(engine):
     return engine.generate([engine.tok.encode(SHORT, bos=True)], max_tokens=6, temperature=0)[0].text
+
+
+def test_continuous_admission_comes_in_groups(monkeypatch):
+    """A running batch takes waiting requests once a quarter of its rows are free (each admission is a
+    prefill forward and a KV-cache copy); with fewer waiting than that, also once the oldest waited
+    ADMIT_WAIT_S; an idle batch takes them at once."""
+    from types import SimpleNamespace
+
+    from chatforge.serve import scheduler as S
+
+    sch = S.Scheduler(engine=None, policy="continuous", max_batch_size=16)
+    now = [100.0]
+    monkeypatch.setattr(S.time, "perf_counter", lambda: now[0])
+
+    def wait(k, age):
+        sch._waiting.extend(SimpleNamespace(params=S.GenParams(max_tokens=8), t_submit=now[0] - age) for _ in range(k))
+
+    wait(6, 0.0)
+    assert sch._admit(rows=14, busy=True) == []  # 2 free, 6 waiting: wait for a group of 4
+    assert len(sch._admit(rows=12, busy=True)) == 4  # 4 free: the group joins
+    sch._waiting.clear()
+    wait(2, 0.0)
+    assert sch._admit(rows=15, busy=True) == []  # light load, but only just arrived
+    now[0] += 2 * S.ADMIT_WAIT_S
+    assert len(sch._admit(rows=15, busy=True)) == 1  # waited long enough: what fits joins
+    assert len(sch._admit(rows=0, busy=False)) == 1  # an idle batch never waits
