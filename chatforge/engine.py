@@ -568,8 +568,8 @@ class Batch:
         # Slots every remaining row has as padding (the rows that had none have finished) are dead
         # weight: every decode step would attend over them. Drop them, so a batch that keeps admitting
         # requests keeps a cache as long as its oldest running row, not one that grows to the context.
-        if self.cache is not None and self.cache.pad is not None and int(self.cache.pad.min()) > 0:
-            self.cache.trim_left(int(self.cache.pad.min()))
+        if self.cache is not None and self.cache.pad is not None:
+            self.cache.trim_left(int(self.cache.pad.min()))  # (a no-op for 0)
 
     def _admit(self) -> None:
         """Prefill the waiting requests that fit (one left-padded forward) and merge them in."""
