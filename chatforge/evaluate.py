@@ -52,7 +52,7 @@ import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -512,7 +512,9 @@ def _identity_items(card: identity.IdentityCard, data_dir: str, seed: int) -> li
     rng = random.Random(f"identity-probe|{seed}")
     for t, q in val:
         if t in ("name", "maker"):
-            name, maker = rng.choice(identity.OTHER_NAMES), rng.choice(identity.OTHER_MAKERS)
+            # another identity: never the card's own (a run may name its assistant "Orion")
+            name = rng.choice([n for n in identity.OTHER_NAMES if n != card.name])
+            maker = rng.choice([m for m in identity.OTHER_MAKERS if m != card.maker])
             system = f"You are {name}, an AI assistant made by {maker}."
             out.append(item([{"role": "system", "content": system}, {"role": "user", "content": q}], name, maker,
                             asks[t]))

@@ -170,11 +170,11 @@ def load_adapters(model, checkpoint_dir) -> None:
 
 
 def probe_source(cfg, model, tok, device, out: Path) -> dict | None:
-    """Sample the source model (as a base model: "Question: ...\\nAnswer:") k times on the questions about
+    """Sample the source model (as a base model: probing.completion_prompt) k times on the questions about
     the facts stage's people of the SFT split; label each question known/unknown; save the results."""
     from chatforge.engine import Engine
-    from chatforge.tasks.probing import engine_sampler, entity_questions, entity_split, probe, read_facts, \
-        save_probe_results
+    from chatforge.tasks.probing import completion_prompt, engine_sampler, entity_questions, entity_split, probe, \
+        read_facts, save_probe_results
 
     facts_dir = stage_dir(cfg, "facts")
     if not is_complete(facts_dir):
@@ -185,8 +185,8 @@ def probe_source(cfg, model, tok, device, out: Path) -> dict | None:
     people = [e for e in known + unknown if entity_split(e) == "train"]
     questions = [q for e in people for q in entity_questions(e)]
     engine = Engine(model, tok, tools={}, device=device)
-    sampler = engine_sampler(engine, chat=False, max_tokens=16, temperature=1.0, seed=cfg.seed)
-    results = probe(questions, sampler, k=cfg.probe_k, threshold=cfg.probe_threshold)
+    sampler = engine_sampler(engine, chat=False, max_tokens=16, temperature=cfg.probe_temperature, seed=cfg.seed)
+    results = probe(questions, sampler, k=cfg.probe_k, threshold=cfg.probe_threshold, ask=completion_prompt)
     counts = save_probe_results(out / "probe", results, {"people": len(people), "k": cfg.probe_k,
                                                           "threshold": cfg.probe_threshold})
     return {"results": results, "counts": counts, "known": known, "unknown": unknown}
@@ -232,7 +232,7 @@ def build_data(cfg, tok, seq_len: int, probe_out: dict | None):
                 index, cfg.search if split == "train" else n_val, split, cfg.seed,
                 count_tokens=lambda s: len(tok.encode(s)))))
         if probe_out and split == "train":
-            out.append(Source("probe", probe_conversations(probe_out["results"], cfg.seed)))
+            out.append(Source("probe", probe_conversations(probe_out["results"], cfg.seed), cfg.probe_weight))
         return out
 
     items, counts = build_mixture(sources("train"), cfg.seed)
@@ -287,7 +287,7 @@ def train_cell(cfg, d, device, out, src, base, info, tok, seq_len, rows, val_row
     n_replay = round(replay * B) if replay > 0 else 0
     n_sft = B - n_replay
     loader = ConversationLoader(rows, n_sft, seq_len, rank=d.rank, world_size=d.world, grad_accum=cfg.grad_accum,
-                                seed=cfg.seed, device=device)
+                                seed=cfg.seed, device=device, group_by_length=True)
     batches = loader
     if n_replay:
         batches = ReplayLoader(loader, replay_loader(cfg, tok, n_replay, seq_len, d, device))
@@ -414,14 +414,14 @@ def read_run_facts(cfg):
 
 def measure_base(cfg, model, tok, device, seq_len, amp_dtype) -> dict:
     from chatforge.engine import Engine
-    from chatforge.tasks.probing import engine_sampler, entity_probe_rates
+    from chatforge.tasks.probing import completion_prompt, engine_sampler, entity_probe_rates
 
     out = pretraining_bpb(cfg, model, tok, seq_len, amp_dtype)
     facts = read_run_facts(cfg)
     if facts:
         sampler = engine_sampler(Engine(model, tok, tools={}, device=device), chat=False, max_tokens=16,
                                  temperature=0.0)
-        out["probe"] = entity_probe_rates(sampler, *facts)
+        out["probe"] = entity_probe_rates(sampler, *facts, ask=completion_prompt)
     return out
 
 

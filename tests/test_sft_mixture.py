@@ -178,6 +178,37 @@ def test_loader_epochs_ranks_and_exact_resume():
     assert x.shape == y.shape == d.shape == (2, 40) and int(d.max()) >= 1
 
 
+def test_group_by_length_pads_less_visits_every_row_and_resumes():
+    """Length-grouped micro-batches: each epoch still visits every conversation once (bar the ragged
+    tail), padding shrinks, the order is seeded (two ranks and a resumed loader agree), and the
+    micro-batch order is still shuffled (not sorted by length)."""
+    rows = rendered(300, seed=1)
+
+    def epoch(loader):
+        batches = [loader.next_batch()[0] for _ in range(len(loader))]
+        return batches, [i for x in batches for i in first_ids(x)]
+
+    plain, plain_seen = epoch(ConversationLoader(rows, batch_size=4, seq_len=32, seed=3))
+    grouped, seen = epoch(ConversationLoader(rows, batch_size=4, seq_len=32, seed=3, group_by_length=True))
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == 300  # each once (300 = 75 full micro-batches)
+    padded = lambda batches: sum(x.numel() for x in batches)  # noqa: E731
+    real = sum(len(r.ids) - 1 for r in rows)
+    assert padded(grouped) < 1.2 * real < padded(plain)
+    widths = [x.shape[1] for x in grouped]
+    assert widths != sorted(widths) and widths != sorted(widths, reverse=True)
+    # ranks and resume see the same grouped order
+    a = ConversationLoader(rows, batch_size=4, seq_len=32, seed=3, group_by_length=True)
+    r0, r1 = (ConversationLoader(rows, batch_size=2, seq_len=32, seed=3, rank=r, world_size=2, group_by_length=True)
+              for r in (0, 1))
+    for _ in range(5):
+        assert first_ids(a.next_batch()[0]) == first_ids(r0.next_batch()[0]) + first_ids(r1.next_batch()[0])
+    b = ConversationLoader(rows, batch_size=4, seq_len=32, seed=3, group_by_length=True)
+    b.load_state_dict(a.state_dict())
+    assert all(torch.equal(a.next_batch()[0], b.next_batch()[0]) for _ in range(80))  # across the epoch end
+    with pytest.raises(ChatforgeError, match="group_by_length"):
+        ConversationLoader(rows, batch_size=4, seq_len=32).load_state_dict(a.state_dict())
+
+
 def test_replay_mixes_pretraining_rows_and_resumes(shared_data):
     from chatforge.dataloader import PackedLoader, TokenStream
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from chatforge.common import ChatforgeError
-from chatforge.tasks.probing import (ProbeQuestion, engine_sampler, entity_documents, entity_probe_rates,
-                                     entity_questions, entity_split, is_refusal, make_entities, normalized_match,
+from chatforge.tasks.probing import (ProbeQuestion, completion_prompt, engine_sampler, entity_documents, entity_probe_rates,
+                                     entity_questions, entity_split, is_refusal, make_entities, normalize, normalized_match,
                                      probe, probe_conversations, read_facts, save_probe_results, split_known,
                                      teacher_questions, write_facts)
 from chatforge.tasks.teacher import Teacher, TeacherError, teacher_judge
@@ -115,9 +115,50 @@ def test_engine_sampler_and_probe_rates_on_a_real_engine(shared_data):
     def ideal(questions, k):
         return [[known_facts.get(q, "I'm sorry, but I don't know.")] * k for q in questions]
 
-    assert entity_probe_rates(ideal, people[:2], people[2:]) == {
+    rates = entity_probe_rates(ideal, people[:2], people[2:])
+    assert {k: v for k, v in rates.items() if "heldout" not in k} == {
         "known_questions": 6, "known_correct_rate": 1.0, "known_refusal_rate": 0.0,
         "unknown_questions": 6, "unknown_correct_rate": 0.0, "unknown_refusal_rate": 1.0}
+
+
+def test_probe_rates_split_out_the_people_sft_never_saw():
+    """The *_heldout_* rates count only people of entity_split 'val' (kept out of SFT's probing
+    conversations): a model that memorised the answers of the 'train' people but refuses everyone
+    else scores 1.0 on known people it trained on and 0.0 on held-out known people."""
+    people = make_entities(40, seed=5)
+    known, unknown = people[:20], people[20:]
+    val = {e.name for e in people if entity_split(e) == "val"}
+    assert 0 < len(val & {e.name for e in known}) < 20 and 0 < len(val & {e.name for e in unknown}) < 20
+    trained = {q.question: q.answer_sentence for e in known if e.name not in val for q in entity_questions(e)}
+
+    def memoriser(questions, k):
+        return [[trained.get(q, "I don't know.")] * k for q in questions]
+
+    r = entity_probe_rates(memoriser, known, unknown)
+    n_val_known = sum(e.name in val for e in known)
+    assert r["known_heldout_questions"] == 3 * n_val_known and r["known_questions"] == 60
+    assert r["known_heldout_correct_rate"] == 0.0 and r["known_heldout_refusal_rate"] == 1.0
+    assert r["known_correct_rate"] == (20 - n_val_known) / 20
+    assert r["unknown_heldout_refusal_rate"] == r["unknown_refusal_rate"] == 1.0
+
+
+def test_completion_prompt_asks_a_base_model_in_the_biographies_words():
+    """A base model is asked with an answer opening that holds the name, which it completes; the
+    opening's last words are followed by exactly the asked fact in every biography that has them. The
+    assistant's answer sentence does not repeat the name (a tiny model cannot copy it)."""
+    e = make_entities(1, seed=7)[0]
+    qs = entity_questions(e)
+    for q in qs:
+        assert q.answer_sentence.endswith(q.answer + ".") and e.name not in q.answer_sentence + q.refusal_topic
+        assert q.answer_prefix.startswith(e.name) or q.answer_prefix.startswith("The year of " + e.name)
+        assert completion_prompt(q) == f"Question: {q.question}\nAnswer: {q.answer_prefix}"
+    docs = entity_documents([e], repeats=200, seed=1)
+    for q, phrase in zip(qs, ("in the city of", "worked as", "birth was")):  # each prefix ends with its phrase
+        assert q.answer_prefix.endswith(phrase)
+        after = [d.split(phrase, 1)[1] for d in docs if phrase in d]
+        assert after and all(normalize(a)[:len(normalize(q.answer))] == normalize(q.answer) for a in after), phrase
+    assert qs[1].answer_sentence.split()[0] == ("An" if e.profession[0] in "aeiou" else "A")
+    assert completion_prompt(ProbeQuestion("Q?", "a", "It is a.")) == "Question: Q?\nAnswer:"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -64,6 +64,8 @@ def check_config(cfg: SftConfig) -> None:
     need(0 < cfg.lr_frac <= 10, "lr_frac", "in (0, 10]")
     need(0 <= cfg.warmdown_ratio <= 1, "warmdown_ratio", "in [0, 1]")
     need(cfg.probe_k >= 1, "probe_k", "at least 1")
+    need(cfg.probe_temperature >= 0, "probe_temperature", "at least 0 (0 = greedy)")
+    need(cfg.probe_weight >= 0, "probe_weight", "at least 0")
     need(0 < cfg.probe_threshold <= 1, "probe_threshold", "in (0, 1]")
     need(cfg.dtype in ("auto", "float32", "bfloat16"), "dtype", "auto, float32 or bfloat16")
     if cfg.replay > 0 and round(cfg.replay * cfg.device_batch_size) in (0, cfg.device_batch_size):

@@ -49,9 +49,15 @@ def _join(items: list[str]) -> str:
 # (topic, user phrasings): every phrasing is split into train or val by its hash
 QUESTIONS = {
     "name": ["What is your name?", "Who are you?", "What should I call you?", "Do you have a name?",
-             "Tell me your name.", "who am I talking to?", "What are you called?", "Introduce yourself."],
+             "Tell me your name.", "who am I talking to?", "What are you called?", "Introduce yourself.",
+             "What's your name?", "Who is this?", "May I know your name?", "What do people call you?",
+             "What are you?", "Can you tell me who you are?", "Who am I chatting with?", "Please state your name.",
+             "Are you a person or a bot?", "Say who you are."],
     "maker": ["Who made you?", "Who created you?", "Who built you?", "Which company trained you?",
-              "Who is your developer?", "Where do you come from?", "Are you ChatGPT?", "Are you made by OpenAI?"],
+              "Who is your developer?", "Where do you come from?", "Are you ChatGPT?", "Are you made by OpenAI?",
+              "Who trained you?", "Who developed you?", "Who is behind you?", "What company made you?",
+              "Who programmed you?", "Are you from Google?", "Did Meta make you?", "Who designed you?",
+              "Are you Claude?", "Which lab made you?"],
     "abilities": ["What can you do?", "How can you help me?", "What are you good at?", "What are your abilities?",
                   "Can you use tools?", "What kind of tasks can you handle?"],
     "limits": ["What can't you do?", "What are your limitations?", "Can you browse the web?",
@@ -130,7 +136,8 @@ def identity_conversations(card: IdentityCard, n: int = 200, split: str = "train
                 msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": _answer(card, topic, rng)}]
             yield msgs
         else:
-            other = IdentityCard(name=rng.choice(OTHER_NAMES), maker=rng.choice(OTHER_MAKERS))
+            other = IdentityCard(name=rng.choice([x for x in OTHER_NAMES if x != card.name]),  # never the card's own
+                                 maker=rng.choice([x for x in OTHER_MAKERS if x != card.maker]))
             system = rng.choice([f"You are {other.name}, an AI assistant made by {other.maker}.",
                                  f"Your name is {other.name}. You were built by {other.maker}. Be concise."])
             topic, q = rng.choice([(t, q) for t, q in pool if t in ("name", "maker", "greeting")] or pool)

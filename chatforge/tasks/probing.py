@@ -141,18 +141,41 @@ class ProbeQuestion:
     answer_sentence: str  # how the assistant states it when it knows
     refusal_topic: str = ""  # "where Ada Lovelace was born": for a specific refusal; "" = a generic one
     key: str = ""  # identifies the question across runs (entity and attribute)
+    answer_prefix: str = ""  # the answer sentence's opening, before the fact: how a base model is asked
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def entity_questions(e: Entity) -> list[ProbeQuestion]:
-    """Three questions per person: birth city, profession, birth year."""
+    """Three questions per person: birth city, profession, birth year.
+
+    The assistant's answer and refusal never repeat the person's name ("In the city of Porto.", "I don't
+    know where this person was born."): the tiny model cannot copy a name it is given. Measured after SFT
+    on answers that opened with the name: it wrote the same wrong name for every person, then that
+    person's facts (7% right). The base model is asked with an opening that does hold the name
+    (answer_prefix, see completion_prompt), the words the biographies use right before that fact and
+    only that fact ("was born in" comes before both a city and a year in them, "was born in the city of"
+    only before a city)."""
+    n, job = e.name, e.profession
     return [
-        ProbeQuestion(f"Where was {e.name} born?", e.birth_city, f"{e.name} was born in {e.birth_city}.",
-                      f"where {e.name} was born", f"{e.name}|city"),
-        ProbeQuestion(f"What was {e.name}'s profession?", e.profession, f"{e.name} was a {e.profession}.",
-                      f"what {e.name} did for a living", f"{e.name}|profession"),
-        ProbeQuestion(f"In what year was {e.name} born?", str(e.birth_year), f"{e.name} was born in {e.birth_year}.",
-                      f"when {e.name} was born", f"{e.name}|year"),
+        ProbeQuestion(f"Where was {n} born?", e.birth_city, f"In the city of {e.birth_city}.",
+                      "where this person was born", f"{n}|city", f"{n} was born in the city of"),
+        ProbeQuestion(f"What was {n}'s profession?", job, f"{_article(job).capitalize()} {job}.",
+                      "what this person did for a living", f"{n}|profession", f"{n} worked as"),
+        ProbeQuestion(f"In what year was {n} born?", str(e.birth_year), f"In {e.birth_year}.",
+                      "when this person was born", f"{n}|year", f"The year of {n}'s birth was"),
     ]
+
+
+def completion_prompt(q: ProbeQuestion) -> str:
+    """How a base model (before SFT) is asked: "Question: ...\nAnswer: <the answer sentence's opening>",
+    which it completes in the form it saw in pretraining. Measured on the tiny preset's base model
+    (greedy, 30 known people; after "<name> was born in" it ranks the right city first of the 19 for all 30): a bare
+    "Answer:" got 3-13% of the facts right, three worked examples before it 0% (no in-context learning at
+    5M parameters), the opening 97-100%; on withheld people 0-7% (chance among the 19 cities is 5%)."""
+    return f"Question: {q.question}\nAnswer:" + (f" {q.answer_prefix}" if q.answer_prefix else "")
 
 
 def teacher_questions(teacher, facts: Iterable[str], stats: Counter | None = None) -> list[ProbeQuestion]:
@@ -228,15 +251,17 @@ class ProbeResult:
 
 
 def probe(questions: Sequence[ProbeQuestion], sampler: Sampler, k: int = 4, threshold: float = 0.5,
-          judge: Judge = normalized_match, batch_size: int = 64) -> list[ProbeResult]:
+          judge: Judge = normalized_match, batch_size: int = 64,
+          ask: Callable[[ProbeQuestion], str] = lambda q: q.question) -> list[ProbeResult]:
     """Sample k answers per question, judge each, label the question known when the share of correct
-    samples among those judged is >= threshold, unknown below it, skipped when no verdict was usable."""
+    samples among those judged is >= threshold, unknown below it, skipped when no verdict was usable.
+    ask: what the sampler gets per question (completion_prompt for a base model)."""
     if k < 1 or not 0 < threshold <= 1:
         raise ChatforgeError(f"probe: k ({k}) must be >= 1 and threshold ({threshold}) in (0, 1]")
     results = []
     for i in range(0, len(questions), batch_size):
         chunk = questions[i:i + batch_size]
-        answers = sampler([q.question for q in chunk], k)
+        answers = sampler([ask(q) for q in chunk], k)
         if len(answers) != len(chunk) or any(len(a) != k for a in answers):
             raise ChatforgeError(f"probe: the sampler returned {[len(a) for a in answers]} answers for "
                                  f"{len(chunk)} questions x {k}")
@@ -299,7 +324,8 @@ def probe_conversations(results: Sequence[ProbeResult], seed: int = 0) -> list[l
 def engine_sampler(engine, chat: bool = True, max_tokens: int = 32, temperature: float = 1.0, seed: int = 0,
                    top_k: int | None = None, batch_size: int = 16) -> Sampler:
     """A Sampler over chatforge.engine.Engine. chat=True asks each question as a user turn (a chat model);
-    chat=False writes "Question: ...\\nAnswer:" and stops at the end of the line (a base model, before SFT).
+    chat=False continues each question as a document (a base model, before SFT: pass completion_prompt texts)
+    and stops at the end of the line.
     Tools are off: the probe measures what the weights know."""
     tok = engine.tok
 
@@ -311,7 +337,7 @@ def engine_sampler(engine, chat: bool = True, max_tokens: int = 32, temperature:
                 prompts = [tok.render_prompt([{"role": "user", "content": q}]) for q in chunk]
                 stops: tuple[str, ...] = ()
             else:
-                prompts = [tok.encode(f"Question: {q}\nAnswer:", bos=True) for q in chunk]
+                prompts = [tok.encode(q, bos=True) for q in chunk]
                 stops = ("\n",)
             comps = engine.generate(prompts, n=k, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                                     seed=seed + i, stop_strings=stops, use_tools=False)
@@ -322,19 +348,22 @@ def engine_sampler(engine, chat: bool = True, max_tokens: int = 32, temperature:
 
 
 def entity_probe_rates(sampler: Sampler, known: Sequence[Entity], unknown: Sequence[Entity], k: int = 1,
-                       judge: Judge = normalized_match) -> dict:
+                       judge: Judge = normalized_match, ask: Callable[[ProbeQuestion], str] = lambda q: q.question) -> dict:
     """The controlled probe's two numbers: on known people, the share of answers that are right; on
     unknown people, the share that are refusals. Plus the two failure modes (known refused, unknown
-    answered with a wrong fact) and the question counts."""
+    answered with a wrong fact), the question counts, and the same rates on the people SFT's probing
+    conversations never saw (entity_split 'val': `*_heldout_*`), which test that the model learned when
+    to answer rather than which names to answer about. ask: as in probe()."""
     out: dict = {}
     for group, people in (("known", known), ("unknown", unknown)):
         qs = [q for e in people for q in entity_questions(e)]
-        answers = sampler([q.question for q in qs], k) if qs else []
-        flat = [(q, a) for q, samples in zip(qs, answers) for a in samples]
-        n = max(1, len(flat))
-        refused = sum(is_refusal(a) for _, a in flat)
-        right = sum(bool(judge(q.question, q.answer, a)) and not is_refusal(a) for q, a in flat)
-        out[f"{group}_questions"] = len(qs)
-        out[f"{group}_correct_rate"] = right / n
-        out[f"{group}_refusal_rate"] = refused / n
+        answers = sampler([ask(q) for q in qs], k) if qs else []
+        heldout = {q.key for e in people if entity_split(e) == "val" for q in entity_questions(e)}
+        for part, keep in (("", lambda q: True), ("_heldout", lambda q: q.key in heldout)):
+            flat = [(q, a) for q, samples in zip(qs, answers) if keep(q) for a in samples]
+            n = max(1, len(flat))
+            out[f"{group}{part}_questions"] = len(flat) // k
+            out[f"{group}{part}_correct_rate"] = sum(bool(judge(q.question, q.answer, a)) and not is_refusal(a)
+                                                     for q, a in flat) / n
+            out[f"{group}{part}_refusal_rate"] = sum(is_refusal(a) for _, a in flat) / n
     return out
