@@ -242,6 +242,25 @@ def test_lora_reference_is_the_base_with_adapters_off(tok):
     assert torch.equal(policy(ids), before)  # adapters on again
 
 
+@pytest.mark.slow
+def test_ppo_learns_a_known_rule(tok):
+    """Controlled experiment (GRPO's in test_grpo.py, with PPO): the reward is 1 when the reply holds a digit.
+    A near-uniform random policy rarely writes one; after PPO the greedy replies to held-out prompts do."""
+    from chatforge.grpo import evaluate_task
+
+    task = digit_task()
+    model = with_value_head(small_gpt(tok.vocab_size, depth=2))
+    s = PpoSettings(prompts=6, group_size=8, epochs=2, max_tokens=4, seed=0)
+    t, src = _ppo(model, tok, task, s, None, steps=50, lr=1e-2)
+    val = task.items("val")
+    before = evaluate_task(src.engine, tok, task, val, max_tokens=4, use_tools=False)
+    rewards = [t.train_step()["reward"] for _ in range(50)]
+    after = evaluate_task(src.engine, tok, task, val, max_tokens=4, use_tools=False)
+    assert before["pass@1"] <= 0.25, before
+    assert after["pass@1"] == 1.0, (after, rewards)
+    assert sum(rewards[-10:]) / 10 > sum(rewards[:10]) / 10 + 0.3, rewards
+
+
 # ----------------------------------------------------------------------------------------------
 # `chatforge rlhf ppo` end to end
 
@@ -318,6 +337,8 @@ def test_rlhf_ppo_stage_runs_and_resumes_exactly(run_root, shared_data):
 
 
 def test_rlhf_ppo_with_lora_and_a_kl_budget(run_root, shared_data):
+    from safetensors.torch import load_file
+
     from chatforge.stages import rlhf
 
     root = run_root
@@ -329,6 +350,15 @@ def test_rlhf_ppo_with_lora_and_a_kl_budget(run_root, shared_data):
     kls = [r["kl"] for r in records if "loss" in r and "event" not in r]
     assert kls[0] == pytest.approx(0.0, abs=1e-6) and kls[-1] > 0  # the adapters-off base is the reference
     assert s["steps"] == 4
+    # LoRA resumes exactly too: the source weights + the saved adapters, the value head, the optimizer
+    _copy_run(root, "lora_split")
+    lora = dict(action="ppo", lora_rank=4, lora_lr=3e-2)
+    rlhf.run(_cfg(root, shared_data, "lora_split", ppo_steps=1, **lora))
+    (root / "runs" / "lora_split" / "rlhf" / "ppo" / "DONE").unlink()
+    rlhf.run(_cfg(root, shared_data, "lora_split", **lora))
+    for f in ("model.safetensors", "value_head.safetensors", "lora_adapters.safetensors"):
+        a, b = load_file(ck / f), load_file(root / "runs" / "lora_split" / "rlhf" / "ppo" / "checkpoint" / f)
+        assert all(torch.equal(a[k], b[k]) for k in a), f
     # a budget the first rollout's update exceeds: stop after one more step
     s = rlhf.run(_cfg(root, shared_data, "lora", action="ppo", lora_rank=4, lora_lr=3e-2, force=True, ppo_steps=3,
                       kl_budget=1e-12))["ppo"]
