@@ -222,7 +222,7 @@ def _train_policy(cfg, d, device, algo: str) -> dict:
     rollout = dict(prompts=cfg.prompts_per_step, group_size=cfg.group_size, micro_batches=cfg.grad_accum,
                    kl_coef=cfg.kl_coef, max_tokens=cfg.max_tokens, temperature=cfg.temperature, use_tools=False,
                    seed=cfg.seed + 7919 * d.rank)
-    kw = dict(ref_model=ref if cfg.kl_coef else None, device=device, say=log0)
+    kw = dict(device=device, say=log0)
     opt = sft_optimizer(policy, lora=lora, lr_frac=cfg.lr_frac, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
                         unembedding_lr=cfg.unembedding_lr, scalar_lr=cfg.scalar_lr, lora_lr=cfg.lora_lr)
     meta = {"stage": "rlhf", "action": algo, "run": cfg.run, "source": str(src)}
@@ -230,13 +230,16 @@ def _train_policy(cfg, d, device, algo: str) -> dict:
         model = with_value_head(policy, out / "checkpoint" if resume else None)
         settings = PpoSettings(**rollout, epochs=cfg.ppo_epochs, cliprange=cfg.clip, value_clip=cfg.clip,
                                gamma=cfg.gamma, lam=cfg.lam, vf_coef=cfg.vf_coef)
-        source = PpoSource(engine, tok, task, items["train"], settings, policy=model, amp_dtype=amp_dtype(cfg, device), **kw)
+        # the reference even with kl_coef 0: the monitor's KL curve and --kl_budget read it
+        source = PpoSource(engine, tok, task, items["train"], settings, policy=model, ref_model=ref,
+                           amp_dtype=amp_dtype(cfg, device), **kw)
         opt, loss_fn = ppo_optimizer(opt, model, cfg.value_lr), ppo_loss(settings)
         ck = ValueCheckpointer(out / "checkpoint", tokenizer_dir=tok_dir, meta=meta)
         rollouts, per_rollout = cfg.ppo_steps, cfg.ppo_epochs
     else:
         model, settings = policy, GrpoSettings(**rollout)
-        source, loss_fn = RolloutSource(engine, tok, task, items["train"], settings, **kw), grpo_loss(settings)
+        source = RolloutSource(engine, tok, task, items["train"], settings, ref_model=ref if cfg.kl_coef else None, **kw)
+        loss_fn = grpo_loss(settings)
         ck = (AdapterCheckpointer if lora else Checkpointer)(out / "checkpoint", tokenizer_dir=tok_dir, meta=meta)
         rollouts, per_rollout = cfg.grpo_steps, 1
     steps = rollouts * per_rollout
