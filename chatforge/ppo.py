@@ -26,8 +26,8 @@ One PPO rollout (PpoSource, a train_loop batch source built on GRPO's RolloutSou
 Why several epochs through the shared loop: Trainer's step is "grad_accum micro-batches, then one
 update", so a rollout queued `epochs` times gives `epochs` updates (RolloutSource's queue, as GRPO's inner
 epochs do), every update on the whole rollout: lm-human-preferences' default (4 epochs, 1 minibatch).
-Several minibatches per epoch would add a knob for no measured gain at this scale. The ratio of the first
-epoch is exactly 1: the rollout-time forward uses the very shapes of the training forward.
+Several minibatches per epoch (not tried) would be one more knob. The ratio of the first epoch is exactly
+1: the rollout-time forward uses the very shapes of the training forward.
 
 The value head (PolicyWithValue) is a Linear (C -> 1) on the policy's final-norm hidden states (the same
 forward as the logits, GPT.forward(hidden=True), as the reward model reads its score), so policy and
@@ -163,6 +163,18 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     n = mask.sum().clamp(min=1).to(values.dtype)
     loss = masked_sum(per_token, mask) / (n if denom is None else denom)
     return loss, masked_sum((b > a).to(values.dtype), mask).detach() / n
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the positions where mask is 1 (nan without variance).
+
+    >>> explained_variance(torch.tensor([[1., 3., 9.]]), torch.tensor([[0., 4., 7.]]), torch.tensor([[1, 1, 0]]))
+    0.75
+    """
+    m = mask.to(returns.dtype)
+    var = lambda x: float(masked_mean((x - masked_mean(x, m)) ** 2, m))  # noqa: E731
+    v = var(returns)
+    return 1.0 - var(returns - values) / v if v > 0 else float("nan")
 
 
 def label_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -327,6 +339,8 @@ class PpoSource(RolloutSource):
                  "kl": float(masked_sum(k3, mask)) / n_tok, "kl_k1": float(kl1.sum()) / n_tok,
                  "non_score_reward": float(-s.kl_coef * kl1.sum()) / N, "value_mean": float(masked_sum(values, mask)) / n_tok,
                  "return_mean": float(masked_sum(returns, mask)) / n_tok,
+                 # 1 - Var(returns - values) / Var(returns) over reply tokens: 1 = a perfect value head, <= 0 = no help
+                 "value_explained_var": explained_variance(values, returns, mask),
                  "response_length": sum(len(c.tokens) for c in comps) / N,
                  "truncated": sum(c.finish_reason == "length" for c in comps) / N, "rollout_s": time.time() - t0}
         self.last = dict(stats, example=replies[0][:200])

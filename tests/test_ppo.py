@@ -175,7 +175,7 @@ def test_ppo_steps_through_the_trainer(tok):
         assert math.isfinite(r1[k]), k
     r2 = t.train_step()
     assert src.rollouts == 1 and r2["approx_kl"] > 0  # the same rollout, the policy moved
-    assert float(model.head.weight.abs().sum()) > 0
+    assert float(model.head.weight.detach().abs().sum()) > 0
     t.train_step()
     assert src.rollouts == 2 and t.train_step()["kl"] > 0  # a new rollout from the moved policy: KL to the start
 
@@ -334,6 +334,16 @@ def test_rlhf_ppo_stage_runs_and_resumes_exactly(run_root, shared_data):
     for f in ("model.safetensors", "value_head.safetensors"):
         a, b = load_file(out / "checkpoint" / f), load_file(root / "runs" / "split" / "rlhf" / "ppo" / "checkpoint" / f)
         assert all(torch.equal(a[k], b[k]) for k in a), f
+
+
+def test_rlhf_ppo_bad_settings(tmp_path):
+    from chatforge.config import ConfigError
+    from chatforge.stages import rlhf
+
+    for bad, flag in ((dict(ppo_epochs=0), "--ppo_epochs"), (dict(lam=1.5), "--lam"), (dict(gamma=-1), "--lam"),
+                      (dict(clip=0), "--value_lr"), (dict(vf_coef=-0.1), "--vf_coef"), (dict(ppo_steps=-1), "--ppo_steps")):
+        with pytest.raises(ConfigError, match=flag):
+            rlhf.run(_cfg(tmp_path, tmp_path, action="ppo", **bad))
 
 
 def test_rlhf_ppo_with_lora_and_a_kl_budget(run_root, shared_data):
