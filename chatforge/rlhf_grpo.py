@@ -100,14 +100,15 @@ def load_prompts(names: list[str], tok, room: int, eval_prompts: int, **split_kw
 
 
 def plot_hacking(metrics, png, algo: str = "grpo") -> str | None:
-    """The monitor's curves side by side: training reward (per step), KL to the reference (per step), the
-    held-out reward model and judge scores (per evaluation). None without matplotlib."""
+    """The monitor's curves side by side: training reward (per step), KL to the reference (per step), and the
+    held-out reward model's and the judge's scores in one panel (per evaluation), so a divergence shows as
+    two lines parting (two models' scores have no common unit: compare their shapes). None without matplotlib."""
     try:
         from chatforge.plots import plot_metrics
     except ImportError:
         return None
-    return str(plot_metrics(metrics, png, ["reward", "kl", "eval/rm_score", "eval/judge_score"],
-                            title=f"{algo.upper()} on the reward model: training RM, KL, held-out RM, judge"))
+    return str(plot_metrics(metrics, png, ["reward", "kl", ["eval/rm_score", "eval/judge_score"]],
+                            title=f"{algo.upper()} on the reward model: training RM, KL, held-out RM vs judge"))
 
 
 @torch.no_grad()
@@ -156,6 +157,22 @@ class HackingMonitor:
         diverging = judge_score < self.best_judge - self.tolerance and rm_score > self.rm_at_best
         self.falling = self.falling + 1 if diverging else 0
         return {"improved": False, "stop": self.falling >= self.patience}
+
+    def describe(self) -> str:
+        """One line on whether the reward model and the judge agreed over the run (for the summary and the log)."""
+        if not self.history:
+            return "no evaluation"
+        first, last = self.history[0], self.history[-1]
+        moves = (f"reward model {first['rm_score']:.3f} -> {last['rm_score']:.3f}, judge {first['judge_score']:.3f} "
+                 f"-> {last['judge_score']:.3f} (steps {first['step']} -> {last['step']})")
+        if last["judge_score"] < self.best_judge - self.tolerance and last["rm_score"] > self.rm_at_best:
+            return (f"they disagree: after step {self.best_step} the reward model rose ({self.rm_at_best:.3f} -> "
+                    f"{last['rm_score']:.3f}) while the judge fell ({self.best_judge:.3f} -> {last['judge_score']:.3f}), "
+                    f"reward hacking; the policy kept as best is step {self.best_step}'s. Overall: {moves}")
+        if self.best_step == last["step"]:
+            return f"they agree: the judge is at its best at the last evaluation. Overall: {moves}"
+        return (f"no divergence: the judge is below its best (step {self.best_step}) but the reward model did not "
+                f"rise past its score then. Overall: {moves}")
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("best_judge", "best_step", "rm_at_best", "falling", "history")}

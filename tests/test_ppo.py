@@ -261,6 +261,22 @@ def test_ppo_learns_a_known_rule(tok):
     assert sum(rewards[-10:]) / 10 > sum(rewards[:10]) / 10 + 0.3, rewards
 
 
+def test_monitor_says_whether_the_judge_and_the_reward_model_agree():
+    from chatforge.rlhf_grpo import HackingMonitor
+
+    m = HackingMonitor(patience=9)
+    for step, rm, judge in [(0, 0.2, 0.4), (10, 1.4, 1.2), (20, 2.0, 0.5)]:
+        m.update(step, rm, judge)
+    assert m.describe().startswith("they disagree: after step 10 the reward model rose (1.400 -> 2.000) while the "
+                                   "judge fell (1.200 -> 0.500)")
+    m = HackingMonitor()
+    for step, rm, judge in [(0, 0.2, 0.4), (10, 1.4, 1.2)]:
+        m.update(step, rm, judge)
+    assert m.describe().startswith("they agree")
+    m.update(20, 1.0, 1.0)  # both fell: not hacking
+    assert m.describe().startswith("no divergence") and HackingMonitor().describe() == "no evaluation"
+
+
 # ----------------------------------------------------------------------------------------------
 # `chatforge rlhf ppo` end to end
 
@@ -315,6 +331,7 @@ def test_rlhf_ppo_stage_runs_and_resumes_exactly(run_root, shared_data):
         assert (out / f).exists(), f
     assert s["algo"] == "ppo" and s["steps"] == 4 and s["rollouts"] == 2 and s["optimizer_steps_per_rollout"] == 2
     assert [h["step"] for h in s["monitor"]["history"]] == [0, 2, 4]  # --eval_every counts rollouts
+    assert s["judge_vs_rm"].startswith(("they agree", "they disagree", "no divergence"))
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r and "event" not in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]

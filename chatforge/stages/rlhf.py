@@ -264,18 +264,16 @@ def _train_policy(cfg, d, device, algo: str) -> dict:
         monitor = watch.monitor
         summary = {"source": str(src), "algo": algo, "steps": state.step, "rollouts": source.rollouts,
                    "optimizer_steps_per_rollout": per_rollout, "kl_coef": cfg.kl_coef, "kl_budget": cfg.kl_budget,
-                   "monitor": monitor.state_dict(), "stopped_early": state.step < steps, "best": str(out / "best"),
+                   "monitor": monitor.state_dict(), "judge_vs_rm": monitor.describe(),
+                   "stopped_early": state.step < steps, "best": str(out / "best"),
                    "train_seconds": round(state.train_time, 1), "reward_reasons": dict(source.reward_stats.counts),
                    "checkpoint": str(out / "checkpoint")}
         write_json(out / "summary.json", summary)
         srun.close()
         summary["plot"] = plot_hacking(out / "metrics.jsonl", out / "hacking.png", algo)
         srun.finish(summary)
-        h = monitor.history
-        if h:
-            log0(f"rlhf {algo} done: {state.step} steps; held-out reward model {h[0]['rm_score']:.3f} -> "
-                 f"{h[-1]['rm_score']:.3f}, judge {h[0]['judge_score']:.3f} -> {h[-1]['judge_score']:.3f} (best at "
-                 f"step {monitor.best_step}: {out / 'best'})")
+        log0(f"rlhf {algo} done: {state.step} steps in {state.train_time:.0f} s; held-out reward model and judge: "
+             f"{summary['judge_vs_rm']} (best policy by the judge: {out / 'best'})")
         return summary
 
 
