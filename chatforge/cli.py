@@ -26,8 +26,8 @@ STAGES: dict[str, str] = {
     "rl": "reinforcement learning on verifiable rewards (GRPO): math, arithmetic, counting, with tools; "
           "held-out pass@1 before / after",
     "rlhf": "learning from human preferences: `rm` reward model (held-out pairwise accuracy), `judge` a second one, "
-            "`dpo` Direct Preference Optimization, `grpo` against the reward model with the judge watching for reward "
-            "hacking, `score` replies with a reward model; no action = rm then dpo",
+            "`dpo` Direct Preference Optimization, `grpo` or `ppo` against the reward model with the judge watching for "
+            "reward hacking, `score` replies with a reward model; no action = rm then dpo",
     "index": "build the search tool's full-text index (SQLite FTS5, BM25) over the data shards or given files",
     "evaluate": "score checkpoints: bits per byte, the multiple-choice suite (CORE), chat tasks and probes "
                 "-> eval.json",
@@ -43,7 +43,7 @@ POSITIONAL: dict[str, tuple[str, str]] = {
     "evaluate": ("source", "a stage of the run (pretrain, sft, rl, rlhf) or a checkpoint folder; "
                            "default: every stage checkpoint the run has"),
     "report": ("run", "run name (runs/<RUN>) or run folder"),
-    "rlhf": ("action", "rm | judge | dpo | grpo | score | all (default: all = rm, then dpo)"),
+    "rlhf": ("action", "rm | judge | dpo | grpo | ppo | score | all (default: all = rm, then dpo)"),
 }
 # The data stage is reached through a sub-action, `chatforge data process`.
 DATA_HELP = ("WARC/WET web crawls -> clean text shards, FineWeb-style (URL filter, HTML->text, language ID, "

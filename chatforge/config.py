@@ -400,10 +400,11 @@ class RlhfConfig(CommonConfig):
     preference pairs; held-out pairwise accuracy per source with a 95% interval), `judge` a second one on the
     disjoint judge split, `dpo` trains the policy with Direct Preference Optimization (held-out implicit reward
     margin and preferred-reply rate before / after), `grpo` trains it with GRPO against the reward model under a
-    KL leash while the judge watches for reward hacking, `score` scores replies with a trained reward model,
-    `all` runs rm then dpo (the pipeline's step)."""
+    KL leash while the judge watches for reward hacking, `ppo` the same with PPO (a value head, GAE, clipped
+    policy and value losses, the KL penalty in the reward: InstructGPT), `score` scores replies with a trained
+    reward model, `all` runs rm then dpo (the pipeline's step)."""
 
-    action: str = option("all", "rm | judge | dpo | grpo | score | all (rm, then dpo)")
+    action: str = option("all", "rm | judge | dpo | grpo | ppo | score | all (rm, then dpo)")
     source: str = option("auto", "the policy DPO trains: a stage of this run (rl, sft) or a checkpoint folder; "
                                  "auto = rl when that stage is complete, else sft")
     rm_source: str = option("sft", "the reward model's backbone: a stage of this run or a checkpoint folder")
@@ -428,8 +429,8 @@ class RlhfConfig(CommonConfig):
     dpo_steps: int = option(100, "DPO optimizer steps")
     beta: float = option(0.1, "DPO beta: the implicit reward's scale; smaller lets the policy move further")
     nll_coef: float = option(0.0, "weight of an NLL term on the chosen reply (RPO); 0 = plain DPO")
-    lora_rank: int = option(0, "LoRA adapters of this rank in every trainer (rm, judge, dpo, grpo); the DPO and GRPO "
-                               "reference is then the base weights with the adapters off. 0 = full fine-tuning "
+    lora_rank: int = option(0, "LoRA adapters of this rank in every trainer (rm, judge, dpo, grpo, ppo); the DPO, "
+                               "GRPO and PPO reference is then the base weights with the adapters off. 0 = full fine-tuning "
                                "(the reference: a frozen copy)")
     lora_alpha: float = option(16.0, "LoRA scale numerator (update = alpha/rank * B A)")
     lora_targets: list[str] = option(["c_q", "c_k", "c_v", "attn.c_proj", "c_gate", "c_up", "mlp.c_proj"],
@@ -446,27 +447,37 @@ class RlhfConfig(CommonConfig):
     checkpoint_every: int = option(50, "steps between checkpoints (0 = only at the end / on interrupt)")
     resume: bool = option(True, "continue from this action's last checkpoint if there is one")
     dtype: str = option("auto", "auto | float32 | bfloat16; auto = bf16 autocast on CUDA, float32 elsewhere")
-    # GRPO against the reward model, watched by the judge (a second reward model on the judge split)
-    grpo_data: list[str] = option(["hh"], "grpo: sources whose prompts the policy answers (same names as --rm_data)")
+    # GRPO or PPO against the reward model, watched by the judge (a second reward model on the judge split)
+    grpo_data: list[str] = option(["hh"], "grpo, ppo: sources whose prompts the policy answers (same names as --rm_data)")
     grpo_steps: int = option(20, "grpo: rollouts (one optimizer step each)")
-    prompts_per_step: int = option(4, "grpo: prompts per rollout")
-    group_size: int = option(4, "grpo: replies sampled per prompt")
-    max_tokens: int = option(48, "grpo: reply length")
-    temperature: float = option(1.0, "grpo: sampling temperature of the rollouts")
-    kl_coef: float = option(0.05, "grpo: k3 KL penalty to the frozen starting policy per token (the leash; also "
-                                  "what the monitor's KL curve shows)")
-    kl_budget: float = option(0.0, "grpo: stop when the mean per-token KL to the starting policy over the steps since "
-                                   "the last evaluation exceeds this (0 = no budget; the leash holds it, this enforces it)")
-    eval_prompts: int = option(16, "grpo: held-out prompts the reward model and the judge score at each evaluation")
-    patience: int = option(2, "grpo: stop after this many evaluations in a row where the judge fell below its best "
-                              "while the training reward model's score rose (0 = never stop early)")
+    prompts_per_step: int = option(4, "grpo, ppo: prompts per rollout")
+    group_size: int = option(4, "grpo, ppo: replies sampled per prompt (PPO needs no groups: the rollout is "
+                                "prompts_per_step x group_size replies)")
+    max_tokens: int = option(48, "grpo, ppo: reply length")
+    temperature: float = option(1.0, "grpo, ppo: sampling temperature of the rollouts")
+    kl_coef: float = option(0.05, "grpo, ppo: the KL leash to the frozen starting policy per token: GRPO's k3 term in "
+                                  "the loss, PPO's -kl_coef x log(pi/ref) in the reward (InstructGPT's beta)")
+    kl_budget: float = option(0.0, "grpo, ppo: stop when the mean per-token KL (k3) to the starting policy over the "
+                                   "steps since the last evaluation exceeds this (0 = no budget; the leash holds it, "
+                                   "this enforces it)")
+    eval_prompts: int = option(16, "grpo, ppo: held-out prompts the reward model and the judge score at each evaluation")
+    patience: int = option(2, "grpo, ppo: stop after this many evaluations in a row where the judge fell below its "
+                              "best while the training reward model's score rose (0 = never stop early)")
+    ppo_steps: int = option(20, "ppo: rollouts, each trained on for --ppo_epochs optimizer steps (--eval_every and "
+                                "--checkpoint_every count rollouts too)")
+    ppo_epochs: int = option(4, "ppo: optimizer steps on each rollout (the whole rollout each time)")
+    clip: float = option(0.2, "ppo: the clip range of the policy ratio (1 +- clip) and of the value change per rollout")
+    gamma: float = option(1.0, "ppo: discount between reply tokens")
+    lam: float = option(0.95, "ppo: GAE's lambda (1 = Monte Carlo returns, 0 = one-step TD)")
+    vf_coef: float = option(0.1, "ppo: weight of the value loss (the value head shares the policy's trunk)")
+    value_lr: float = option(1e-3, "ppo: AdamW learning rate of the value head")
     # score
     rm: str = option("", "score: the reward model checkpoint (default: this run's rlhf/rm/checkpoint)")
     prompt: str = option("", "score: the user message the replies answer")
     replies: str = option("", "score: the replies to score, separated by '||' (e.g. \"Sure, it is 4.||Go away.\")")
     score_file: str = option("", "score: a JSONL file of {prompt or messages, reply or replies} records instead")
 
-    ACTIONS = ("rm", "judge", "dpo", "grpo", "score", "all")
+    ACTIONS = ("rm", "judge", "dpo", "grpo", "ppo", "score", "all")
 
 
 @dataclass

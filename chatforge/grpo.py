@@ -129,9 +129,10 @@ class RolloutSource:
 
     # -- one rollout --
 
-    def _rollout(self) -> tuple[dict, dict]:
+    def _sample(self, chosen: list[RLItem]) -> dict:
+        """group_size replies to each chosen item with the current weights (rollout.rollout_batch's dict),
+        seeded by the rollout count; counts the rollout. PPO's source (ppo.py) samples through this too."""
         s = self.s
-        chosen = self._draw(s.prompts)
         prompts = [self.tok.render_prompt(it.messages) for it in chosen]
         was = self.engine.model.training
         self.engine.model.eval()
@@ -143,6 +144,12 @@ class RolloutSource:
         finally:
             self.engine.model.train(was)
         self.rollouts += 1
+        return batch
+
+    def _rollout(self) -> tuple[dict, dict]:
+        s = self.s
+        chosen = self._draw(s.prompts)
+        batch = self._sample(chosen)
         comps = batch["completions"]
         replies = [reply_text(self.tok, c) for c in comps]
         truths = [chosen[c.prompt_index] for c in comps]

@@ -62,20 +62,28 @@ def _pyplot():
     return plt
 
 
-def plot_metrics(metrics: str | os.PathLike, png: str | os.PathLike, columns: list[str],
+def plot_metrics(metrics: str | os.PathLike, png: str | os.PathLike, columns: list,
                  title: str | None = None) -> Path:
     """One panel per column against the step: "loss" reads the per-step records, "eval/val_bpb" the
-    records of event "eval". Columns with no values are drawn empty (titled "no data"). Returns png."""
+    records of event "eval"; a list of columns shares one panel, with a legend (curves to compare, e.g.
+    ["eval/rm_score", "eval/judge_score"]). Columns with no values are drawn empty (titled "no data").
+    Returns png."""
     plt = _pyplot()
     steps, events = read_metrics(metrics)
     n = max(1, len(columns))
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
-    for ax, column in zip(axes[0], columns):
-        xs, ys = _series(steps, events, column)
-        ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", lw=1.2, ms=3)
+    for ax, panel in zip(axes[0], columns):
+        group = [panel] if isinstance(panel, str) else list(panel)
+        drawn = 0
+        for column in group:
+            xs, ys = _series(steps, events, column)
+            ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", lw=1.2, ms=3, label=column)
+            drawn += bool(xs)
         ax.set_xlabel("step")
-        ax.set_ylabel(column)
-        if not xs:
+        ax.set_ylabel(group[0] if len(group) == 1 else "value")
+        if len(group) > 1:
+            ax.legend(fontsize=8)
+        if not drawn:
             ax.set_title("no data")
         ax.grid(alpha=0.3)
     if title:

@@ -51,9 +51,13 @@ CURVES: dict[str, list[tuple[str, list[str]]]] = {
     # `rlhf grpo` (not in the speedrun): the reward-hacking monitor's four curves
     "rlhf_grpo": [("reward (training RM)", ["reward"]), ("KL to the start", ["kl"]),
                   ("held-out RM score", ["rm_score"]), ("judge score (held-out RM)", ["judge_score"])],
+    # `rlhf ppo` (not in the speedrun): the same four curves
+    "rlhf_ppo": [("reward (training RM)", ["reward"]), ("KL to the start", ["kl"]),
+                 ("held-out RM score", ["rm_score"]), ("judge score (held-out RM)", ["judge_score"])],
 }
 # Where a stage's curves are read from, when not <stage>/metrics.jsonl: (stage folder, file).
-CURVE_FILES: dict[str, tuple[str, str]] = {"rlhf": ("rlhf", "dpo/metrics.jsonl"), "rlhf_grpo": ("rlhf", "grpo/metrics.jsonl")}
+CURVE_FILES: dict[str, tuple[str, str]] = {"rlhf": ("rlhf", "dpo/metrics.jsonl"), "rlhf_grpo": ("rlhf", "grpo/metrics.jsonl"),
+                                            "rlhf_ppo": ("rlhf", "ppo/metrics.jsonl")}
 
 
 @dataclass
@@ -444,11 +448,12 @@ def curves_section(info: RunInfo, out_dir: Path) -> tuple[list[Block], list[Path
     blocks: list[Block] = [Heading("Training curves")]
     written = []
     titles = {"pretrain": "Pretraining", "sft": "SFT", "rl": "RL", "rlhf": "RLHF (DPO)",
-              "rlhf_grpo": "RLHF (GRPO against the reward model, judged by a second one)"}
+              "rlhf_grpo": "RLHF (GRPO against the reward model, judged by a second one)",
+              "rlhf_ppo": "RLHF (PPO against the reward model, judged by a second one)"}
     for stage, panels in CURVES.items():
         folder, file = CURVE_FILES.get(stage, (stage, "metrics.jsonl"))
         st = info.stages.get(folder)
-        if stage == "rlhf_grpo" and not (st and (st["dir"] / file).exists()):
+        if stage in ("rlhf_grpo", "rlhf_ppo") and not (st and (st["dir"] / file).exists()):
             continue  # an optional action: no "not run yet" line for it
         records = read_metrics(st["dir"] / file) if st else []
         png = out_dir / f"{stage}.png"

@@ -94,20 +94,23 @@ def pair_accuracy(model: RewardModel, pairs, pad_id: int, batch_size: int = 16, 
 # On disk
 
 
-class RewardCheckpointer(Checkpointer):
-    """Saves the backbone as the checkpoint's model and the head in REWARD_HEAD_FILE; marks config.json."""
+class HeadCheckpointer(Checkpointer):
+    """Saves a model made of a GPT `backbone` and a small `head` (the reward model's score head, PPO's value
+    head, chatforge/ppo.py): the backbone as the checkpoint's model, so the folder loads as a plain GPT, and
+    the head in `head_file` beside it. With LoRA adapters on the backbone: its merged weights, plus the
+    adapters in finetune.ADAPTER_FILE so a resume is exact."""
 
-    def __init__(self, path, **kw):
+    def __init__(self, path, head_file: str, **kw):
         super().__init__(path, **kw)
-        self.meta["reward_model"] = True
+        self.head_file = head_file
 
     def payload(self, model):
-        if isinstance(model, RewardModel):
+        if hasattr(model, "backbone") and hasattr(model, "head"):
             from chatforge.finetune import ADAPTER_FILE
             from chatforge.lora import lora_modules, lora_state_dict, merged_state_dict
             from chatforge.train_loop import _FullWeights
 
-            head = {REWARD_HEAD_FILE: model.head.state_dict()}
+            head = {self.head_file: model.head.state_dict()}
             if lora_modules(model.backbone):  # merged weights load as a plain backbone; adapters resume exactly
                 return (_FullWeights(model.config, merged_state_dict(model.backbone)),
                         {**head, ADAPTER_FILE: lora_state_dict(model.backbone)})
@@ -116,7 +119,15 @@ class RewardCheckpointer(Checkpointer):
         state = model.state_dict()
         backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
         head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
-        return type(model)(model.config, backbone), {REWARD_HEAD_FILE: head}
+        return type(model)(model.config, backbone), {self.head_file: head}
+
+
+class RewardCheckpointer(HeadCheckpointer):
+    """Saves the backbone as the checkpoint's model and the head in REWARD_HEAD_FILE; marks config.json."""
+
+    def __init__(self, path, **kw):
+        super().__init__(path, REWARD_HEAD_FILE, **kw)
+        self.meta["reward_model"] = True
 
 
 def build_reward_model(src, ckpt, *, resume: bool, lora_rank: int = 0, lora_alpha: float = 16.0, lora_targets=(),

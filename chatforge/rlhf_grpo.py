@@ -1,10 +1,11 @@
-"""Policy optimisation against a learned reward model (GRPO from grpo.py), and the reward-hacking monitor.
+"""Policy optimisation against a learned reward model (GRPO from grpo.py, PPO from ppo.py), and the
+reward-hacking monitor that watches both.
 
 The RL stage's GRPO samples groups of replies and learns from group-relative rewards; here the reward of
 a reply is the reward model's score instead of a verifier's verdict (`RewardModelTask`: an RLTask whose
-`reward` asks the reward model). A per-token KL to the frozen starting policy (`kl_coef`, GrpoSettings)
-is the leash of InstructGPT (https://arxiv.org/abs/2203.02155): without it the policy drifts to whatever
-the reward model over-scores.
+`reward` asks the reward model). PPO reads the same task. A per-token KL to the frozen starting policy
+(`kl_coef`: GRPO's k3 term in the loss, PPO's penalty in the reward) is the leash of InstructGPT
+(https://arxiv.org/abs/2203.02155): without it the policy drifts to whatever the reward model over-scores.
 
 Reward hacking is expected (Gao et al. 2022, https://arxiv.org/abs/2210.10760: the proxy score keeps
 rising while the true one peaks and falls), so `HackingMonitor` watches three curves at every
@@ -98,15 +99,16 @@ def load_prompts(names: list[str], tok, room: int, eval_prompts: int, **split_kw
     return items
 
 
-def plot_hacking(metrics, png) -> str | None:
-    """The monitor's curves side by side: training reward (per step), KL to the reference (per step), the
-    held-out reward model and judge scores (per evaluation). None without matplotlib."""
+def plot_hacking(metrics, png, algo: str = "grpo") -> str | None:
+    """The monitor's curves side by side: training reward (per step), KL to the reference (per step), and the
+    held-out reward model's and the judge's scores in one panel (per evaluation), so a divergence shows as
+    two lines parting (two models' scores have no common unit: compare their shapes). None without matplotlib."""
     try:
         from chatforge.plots import plot_metrics
     except ImportError:
         return None
-    return str(plot_metrics(metrics, png, ["reward", "kl", "eval/rm_score", "eval/judge_score"],
-                            title="GRPO on the reward model: training RM, KL, held-out RM, judge"))
+    return str(plot_metrics(metrics, png, ["reward", "kl", ["eval/rm_score", "eval/judge_score"]],
+                            title=f"{algo.upper()} on the reward model: training RM, KL, held-out RM vs judge"))
 
 
 @torch.no_grad()
@@ -156,9 +158,81 @@ class HackingMonitor:
         self.falling = self.falling + 1 if diverging else 0
         return {"improved": False, "stop": self.falling >= self.patience}
 
+    def describe(self) -> str:
+        """One line on whether the reward model and the judge agreed over the run (for the summary and the log)."""
+        if not self.history:
+            return "no evaluation"
+        first, last = self.history[0], self.history[-1]
+        moves = (f"reward model {first['rm_score']:.3f} -> {last['rm_score']:.3f}, judge {first['judge_score']:.3f} "
+                 f"-> {last['judge_score']:.3f} (steps {first['step']} -> {last['step']})")
+        if last["judge_score"] < self.best_judge - self.tolerance and last["rm_score"] > self.rm_at_best:
+            return (f"they disagree: after step {self.best_step} the reward model rose ({self.rm_at_best:.3f} -> "
+                    f"{last['rm_score']:.3f}) while the judge fell ({self.best_judge:.3f} -> {last['judge_score']:.3f}), "
+                    f"reward hacking; the policy kept as best is step {self.best_step}'s. Overall: {moves}")
+        if self.best_step == last["step"]:
+            return f"they agree: the judge is at its best at the last evaluation. Overall: {moves}"
+        return (f"no divergence: the judge is below its best (step {self.best_step}) but the reward model did not "
+                f"rise past its score then. Overall: {moves}")
+
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("best_judge", "best_step", "rm_at_best", "falling", "history")}
 
     def load_state_dict(self, d: dict) -> None:
         for k, v in d.items():
             setattr(self, k, v)
+
+
+class HackingWatch:
+    """The evaluate callback (train_loop.Trainer's `evaluate`) of `rlhf grpo` and `rlhf ppo`, and the log that
+    feeds it the per-step KL. At each evaluation: greedy replies to the held-out prompts scored by the reward
+    model and the judge (held_out_scores), the monitor's verdict, the mean per-token KL since the last
+    evaluation against `kl_budget` (0 = none), the policy saved to <out>/best when the judge is at its best,
+    and on a stop (divergence or budget) the loop told to end after one more step (checkpoint included).
+    The monitor's state is written to <out>/monitor.json (and read back on a resume)."""
+
+    def __init__(self, out, engine, tok, items, rms: dict, tokenizer_dir, *, max_tokens: int, max_len: int = 0,
+                 kl_budget: float = 0.0, patience: int = 2, resume: bool = False, meta: dict | None = None,
+                 log=None):
+        import json
+        from pathlib import Path
+
+        self.out, self.engine, self.tok, self.items, self.rms = Path(out), engine, tok, items, rms
+        self.tokenizer_dir, self.max_tokens, self.max_len, self.kl_budget = tokenizer_dir, max_tokens, max_len, kl_budget
+        self.meta, self._log = dict(meta or {}), log or (lambda **r: None)
+        self.monitor = HackingMonitor(patience=patience or 10 ** 9)
+        if resume and (self.out / "monitor.json").exists():
+            self.monitor.load_state_dict(json.loads((self.out / "monitor.json").read_text()))
+        self.kls: list[float] = []  # per-step KL since the last evaluation, for kl_budget
+
+    def log(self, **r) -> None:
+        """The trainer's log: records go on to metrics.jsonl; a step's "kl" is kept for the budget."""
+        if "kl" in r and "event" not in r:
+            self.kls.append(r["kl"])
+        self._log(**r)
+
+    def __call__(self, t) -> dict:
+        from chatforge.checkpoint import save_checkpoint
+        from chatforge.common import write_json
+        from chatforge.lora import merged_state_dict
+        from chatforge.train_loop import _FullWeights
+
+        r = held_out_scores(self.engine, self.tok, self.items, self.rms, self.max_tokens, self.max_len)
+        verdict = self.monitor.update(t.state.step, r["rm_score"], r["judge_score"])
+        write_json(self.out / "monitor.json", self.monitor.state_dict())
+        if self.kls:
+            r["kl_since_eval"] = sum(self.kls) / len(self.kls)
+            self.kls.clear()
+            if self.kl_budget and r["kl_since_eval"] > self.kl_budget:
+                t.write(f"step {t.state.step}: KL {r['kl_since_eval']:.4f} is over the budget {self.kl_budget}: stopping")
+                verdict["stop"] = True
+        if verdict["improved"]:  # keep the best policy by the judge
+            model = self.engine.model
+            save_checkpoint(self.out / "best", _FullWeights(model.config, merged_state_dict(model)),
+                            tokenizer_dir=self.tokenizer_dir, meta={**self.meta, "step": t.state.step, **r})
+        if verdict["stop"] and self.monitor.falling >= self.monitor.patience:
+            t.write(f"step {t.state.step}: the judge fell {self.monitor.falling} evaluations in a row while the reward "
+                    f"model rose: stopping (best judge at step {self.monitor.best_step})")
+        if verdict["stop"]:
+            t.config.num_steps = min(t.config.num_steps, t.state.step + 1)  # finish this step, checkpoint, end
+        t.write(f"step {t.state.step:,}: held-out reward model {r['rm_score']:.3f}, judge {r['judge_score']:.3f}")
+        return dict(r, stopped_early=float(verdict["stop"]))

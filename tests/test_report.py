@@ -125,6 +125,7 @@ def test_stage_results_read_each_stage_summary(run):
         "after": {"hh": {"implicit_accuracy": 0.6, "implicit_accuracy_low": 0.499, "implicit_accuracy_high": 0.693,
                          "margin": 0.096, "n": 95}}})
     assert "rlhf_grpo" not in write_report(run)  # the optional GRPO action has not run: no panel, no line
+    assert "rlhf_ppo" not in write_report(run)  # nor PPO
     lines = [{"step": s, "reward": 0.1 * s, "kl": 0.01 * s} for s in (1, 2)]
     lines += [{"event": "eval", "step": s, "rm_score": 0.5 * s, "judge_score": 1.0 - 0.1 * s} for s in (0, 2)]
     (run / "rlhf" / "grpo").mkdir(parents=True)
@@ -132,6 +133,10 @@ def test_stage_results_read_each_stage_summary(run):
     paths = write_report(run)
     md = paths["md"].read_text()
     assert paths["rlhf_grpo"].read_bytes()[:8] == PNG_MAGIC and "(rlhf_grpo.png)" in md
+    (run / "rlhf" / "ppo").mkdir(parents=True)
+    (run / "rlhf" / "ppo" / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    paths = write_report(run)
+    assert paths["rlhf_ppo"].read_bytes()[:8] == PNG_MAGIC and "(rlhf_ppo.png)" in paths["md"].read_text()
     assert "## What each training stage measured" in md
     assert table_rows(md, "RL")[1:] == ["arithmetic1: held-out pass@1 (greedy)", "7.8% [3.4%, 17.0%] of 64",
                                         "84.4% [73.6%, 91.3%] of 64"]

@@ -387,7 +387,7 @@ def test_rlhf_lora_and_bad_inputs(run_root, shared_data, tmp_path, tok):
     assert any(r.get("kl", 0) > 0 for r in records if "loss" in r and "event" not in r)
 
     with pytest.raises(ConfigError, match="--action"):
-        rlhf.run(_cfg(root, shared_data, action="ppo"))
+        rlhf.run(_cfg(root, shared_data, action="bogus"))
     with pytest.raises(ConfigError, match="--beta"):
         rlhf.run(_cfg(root, shared_data, beta=0))
     # a reward model with another tokenizer than the policy's: a clear error before training

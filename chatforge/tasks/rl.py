@@ -94,7 +94,8 @@ class RewardStats:
 
     def __call__(self, reply: str, item: RLItem) -> tuple[float, str]:
         reward, reason = self.task.reward(reply, item)
-        if reason not in self.counts and reason not in ("correct", "wrong"):
+        # "scored": a reward model's score (rlhf_grpo.RewardModelTask), not a failure to warn about
+        if reason not in self.counts and reason not in ("correct", "wrong", "scored"):
             log.warning("%s: reward 0 for item %s (%s); counted, the run goes on", self.task.name, item.id, reason)
         self.counts[reason] += 1
         return reward, reason
