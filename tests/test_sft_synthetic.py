@@ -54,6 +54,26 @@ def test_held_out_splits_are_disjoint():
         assert len(val) == 500 and not train & val
 
 
+def test_training_words_are_half_invented_and_never_held_out_words():
+    """Half of the training split's word problems use invented words (so copying, not recall, fits
+    them); none is a real word of the list, so held-out words stay unseen; val uses real words only."""
+    import random
+
+    from chatforge.tasks.synthetic import invented_word
+
+    val_words = set(words("val"))
+    for kind in ("letter_count", "spelling", "reverse"):
+        train = make_problems(kind, 400, "train", seed=2)
+        used = [p.answer.replace("-", "") if kind == "spelling" else p.answer[::-1] if kind == "reverse"
+                else re.search(r"'(\w+)'\.lower", p.code).group(1).lower() for p in train]
+        invented = [w for w in used if w not in WORDS]
+        assert 0.4 < len(invented) / len(used) < 0.6 and len(set(invented)) > 150, kind
+        assert not set(used) & val_words
+    rng = random.Random(0)
+    made = [invented_word(rng) for _ in range(5000)]
+    assert not set(made) & set(WORDS) and all(w.isalpha() and w.islower() and 3 <= len(w) <= 14 for w in made)
+
+
 def test_tool_outputs_match_the_python_sandbox():
     from chatforge.tools.python_sandbox import run_python
 

@@ -20,12 +20,17 @@ from chatforge.config import PIPELINE, STAGE_CONFIGS, CommonConfig, SpeedrunConf
 from chatforge.report import latest_checkpoint
 
 
-# Seconds each stage took with the tiny preset on a quiet 2-core Intel Xeon VM (README command 1 in a fresh
-# clone, 2026-12-02): the progress line's estimate of the time left scales these by how long the stages
-# run so far took against their entry. Other presets show the elapsed time only (their stages print
-# their own ETAs).
-TINY_SECONDS = {"data": 13, "facts": 1, "tokenizer": 2, "pretrain": 382, "index": 1, "sft": 85, "rl": 257,
-                "rlhf": 168, "evaluate": 18, "report": 1}
+# Seconds each stage took on a quiet 2-core Intel Xeon VM (README command 1 in a fresh clone for tiny,
+# 2026-12-02; the laptop preset's first run): the progress line's estimate of the time left scales these
+# by how long the stages run so far took against their entry. GPU presets show the elapsed time only
+# (their stages print their own ETAs).
+STAGE_SECONDS = {
+    "tiny": {"data": 13, "facts": 1, "tokenizer": 2, "pretrain": 382, "index": 1, "sft": 85, "rl": 257,
+             "rlhf": 168, "evaluate": 18, "report": 1},
+    "laptop": {"data": 13, "facts": 1, "tokenizer": 2, "pretrain": 1900, "index": 1, "sft": 500, "rl": 450,
+               "rlhf": 330, "evaluate": 90, "report": 1},
+}
+TINY_SECONDS = STAGE_SECONDS["tiny"]
 # Stages that are not skipped when complete: they keep their finished parts and redo the rest.
 ALWAYS_RUN = ("evaluate", "report")
 
@@ -51,7 +56,8 @@ def run(cfg: SpeedrunConfig) -> dict | None:
         return None
     summary = {}
     t0 = time.time()
-    ran_s = expected_s = 0.0  # stages that did work: seconds taken, and TINY_SECONDS' for them
+    ran_s = expected_s = 0.0  # stages that did work: seconds taken, and STAGE_SECONDS' for them
+    table = STAGE_SECONDS.get(cfg.preset, {})
     for i, name in enumerate(stages, 1):
         stage_cfg = configs[name]
         left = eta(cfg.preset, [s for s in stages[i - 1:] if not done[s]], ran_s, expected_s)
@@ -60,8 +66,8 @@ def run(cfg: SpeedrunConfig) -> dict | None:
         t = time.time()
         summary[name] = importlib.import_module(f"chatforge.stages.{name}").run(stage_cfg)
         took = time.time() - t
-        if not done[name] and name in TINY_SECONDS:
-            ran_s, expected_s = ran_s + took, expected_s + TINY_SECONDS[name]
+        if not done[name] and name in table:
+            ran_s, expected_s = ran_s + took, expected_s + table[name]
         log0(f"=== speedrun: {name} {'was complete' if done[name] else 'done'} in {took:.1f}s ===")
     log0(f"\nspeedrun: {len(summary)} stage(s) complete in {time.time() - t0:.1f}s")
     if summary:
@@ -86,11 +92,12 @@ def plan_stages(cfg: SpeedrunConfig) -> list[str]:
 
 
 def eta(preset: str, pending: list[str], ran_s: float, expected_s: float) -> str:
-    """', about N min left' from TINY_SECONDS (tiny preset only), scaled by this machine's pace so far."""
-    if preset != "tiny" or not pending:
+    """', about N min left' from STAGE_SECONDS (the CPU presets), scaled by this machine's pace so far."""
+    table = STAGE_SECONDS.get(preset)
+    if not table or not pending:
         return ""
     pace = min(3.0, max(0.3, ran_s / expected_s)) if expected_s >= 20 else 1.0
-    return f", about {fmt_s(pace * sum(TINY_SECONDS.get(s, 0) for s in pending))} left"
+    return f", about {fmt_s(pace * sum(table.get(s, 0) for s in pending))} left"
 
 
 def fmt_s(seconds: float) -> str:
@@ -113,7 +120,8 @@ def describe(cfg: SpeedrunConfig, stages: list[str], configs: dict, done: dict) 
         state = ("complete, skipped" if done[name] else
                  "runs (keeps finished parts)" if name in ALWAYS_RUN and name not in (cfg.only, cfg.from_stage)
                  else "runs")
-        est = f"  ~{fmt_s(TINY_SECONDS[name])} on 2 CPU cores" if cfg.preset == "tiny" and name in TINY_SECONDS and not done[name] else ""
+        table = STAGE_SECONDS.get(cfg.preset, {})
+        est = f"  ~{fmt_s(table[name])} on 2 CPU cores" if name in table and not done[name] else ""
         lines.append(f"  {i}. {name:10s} {state}{est}")
     if "pretrain" in configs:
         pc = configs["pretrain"]
@@ -124,8 +132,9 @@ def describe(cfg: SpeedrunConfig, stages: list[str], configs: dict, done: dict) 
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         world = PRESET_HARDWARE.get(cfg.preset, ("", 1))[1]  # the preset's GPUs (torchrun ranks)
         lines += ["", "pretraining:", describe_plan(derive_settings(pc, vocab, world), dev, device_name(dev))]
-    if cfg.preset == "tiny":
-        lines.append(f"\nexpected wall time on 2 CPU cores: about {fmt_s(sum(TINY_SECONDS.get(s, 0) for s in stages if not done[s]))}"
+    if cfg.preset in STAGE_SECONDS:
+        table = STAGE_SECONDS[cfg.preset]
+        lines.append(f"\nexpected wall time on 2 CPU cores: about {fmt_s(sum(table.get(s, 0) for s in stages if not done[s]))}"
                      " (plus pip in a fresh clone)")
     return "\n".join(lines)
 

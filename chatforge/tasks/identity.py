@@ -71,7 +71,9 @@ QUESTIONS = {
 def _answer(card: IdentityCard, topic: str, rng: random.Random) -> str:
     n, m = card.name, card.maker
     if topic == "name":
-        return rng.choice([f"I'm {n}, an AI assistant made by {m}.", f"My name is {n}.",
+        # every answer names the maker too: with "My name is X." among them, the tiny model answered a
+        # third of held-out "who are you" questions without its maker
+        return rng.choice([f"I'm {n}, an AI assistant made by {m}.", f"My name is {n}; {m} made me.",
                            f"You can call me {n}. I'm an AI assistant built by {m}."])
     if topic == "maker":
         return rng.choice([f"I was built by {m}. I'm {n}.", f"{m[0].upper() + m[1:]} created me; my name is {n}.",

@@ -77,8 +77,35 @@ def words(split: str) -> list[str]:
     return [w for w in WORDS if split_of("word:" + w, VAL_FRACTION) == split]
 
 
-def _letter_count(rng: random.Random, pool: list[str]) -> tuple[str, Problem]:
-    word = rng.choice(pool)
+# Invented words (half of the training split's word problems): with only the ~400 real words, the tiny
+# model memorised them instead of learning to copy the asked word into its python call. Measured on
+# the tiny SFT checkpoint: letter counts right on 93% of training words, 42% of held-out words, the
+# wrong ones calling python on another (trained) word. Thousands of one-off words leave copying as the
+# only way to fit them. They never equal a real word, so the held-out split stays unseen.
+INVENTED_SHARE = 0.5
+_ONSETS = "b c d f g h j k l m n p q r s t v w x y z br ch cl dr fl gr kn pl qu sh sk st th tr wh".split()
+_VOWELS = "a e i o u y ai ea ee oo ou ie".split()
+_CODAS = ["", "", "", "n", "r", "s", "t", "l", "m", "ck", "ng", "x", "z", "ff", "ss"]
+_REAL = frozenset(WORDS)
+
+
+def invented_word(rng: random.Random) -> str:
+    """A pronounceable non-word of 1-4 syllables, e.g. 'brooquen' (never one of WORDS)."""
+    while True:
+        w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(rng.randint(1, 4)))
+        if 3 <= len(w) <= 14 and w not in _REAL:
+            return w
+
+
+def _word_picker(split: str):
+    pool = words(split)
+    if split == "val":
+        return lambda rng: rng.choice(pool)
+    return lambda rng: invented_word(rng) if rng.random() < INVENTED_SHARE else rng.choice(pool)
+
+
+def _letter_count(rng: random.Random, pick) -> tuple[str, Problem]:
+    word = pick(rng)
     present = sorted(set(word))
     letter = rng.choice(present) if rng.random() < 0.8 else rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c not in word])
     shown = word.upper() if rng.random() < 0.1 else word
@@ -94,16 +121,16 @@ def _letter_count(rng: random.Random, pool: list[str]) -> tuple[str, Problem]:
     return f"{word}", Problem(prompt, str(n), "letter_count", code, repr(n) + "\n")
 
 
-def _spelling(rng: random.Random, pool: list[str]) -> tuple[str, Problem]:
-    word = rng.choice(pool)
+def _spelling(rng: random.Random, pick) -> tuple[str, Problem]:
+    word = pick(rng)
     prompt = rng.choice([f"Spell the word {word}.", f"How do you spell '{word}' letter by letter?",
                          f"Spell out {word} one letter at a time.", f"spell {word}"])
     answer = "-".join(word)
     return word, Problem(prompt, answer, "spelling", f"'-'.join({word!r})", repr(answer) + "\n")
 
 
-def _reverse(rng: random.Random, pool: list[str]) -> tuple[str, Problem]:
-    word = rng.choice(pool)
+def _reverse(rng: random.Random, pick) -> tuple[str, Problem]:
+    word = pick(rng)
     prompt = rng.choice([f"Reverse the word {word}.", f"What is '{word}' spelled backwards?",
                          f"Write {word} backwards.", f"reverse {word}"])
     return word, Problem(prompt, word[::-1], "reverse", f"{word!r}[::-1]", repr(word[::-1]) + "\n")
@@ -154,14 +181,14 @@ def make_problems(kind: str, n: int, split: str = "train", seed: int = 0) -> lis
     if split not in ("train", "val"):
         raise ChatforgeError(f"split {split!r}: use 'train' or 'val'")
     rng = random.Random(f"{kind}|{split}|{seed}")
-    pool = words(split)
+    pick = _word_picker(split)
     out: list[Problem] = []
     seen: set[str] = set()
     tries = 0
     while len(out) < n:
         tries += 1
         if kind in ("letter_count", "spelling", "reverse"):
-            key, p = {"letter_count": _letter_count, "spelling": _spelling, "reverse": _reverse}[kind](rng, pool)
+            key, p = {"letter_count": _letter_count, "spelling": _spelling, "reverse": _reverse}[kind](rng, pick)
             key = f"{key}|{p.prompt}"  # the word's split is fixed; repeats are the same question
         else:
             key, p = _decimal_compare(rng) if kind == "decimal_compare" else _arithmetic(rng)
