@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import shutil
 
 import pytest
@@ -17,31 +16,12 @@ from chatforge.common import ChatforgeError
 from chatforge.config import ConfigError, RlConfig
 from chatforge.engine import Engine
 from chatforge.grpo import GrpoSettings, RolloutSource, evaluate_task, grpo_loss, reply_text, wilson_interval
-from chatforge.model import GPT, ModelConfig
-from chatforge.tasks.rl import RLItem, RLTask
 from chatforge.tools import Tool
 from chatforge.train_loop import LoopConfig, Trainer
 from engine_helpers import ScriptedModel, train_tokenizer
+from rl_helpers import digit_task, small_gpt
 from sft_helpers import one_thread, real_tokenizer  # noqa: F401  (one_thread: an autouse fixture)
 
-WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "green", "candle", "mirror", "forest",
-         "ocean", "window", "garden", "planet", "rocket"]
-
-
-def digit_task() -> RLTask:
-    """A rule with a known answer: a reply is right when the model's own text holds a digit."""
-    def load(split, data_dir, n, seed):
-        words = WORDS[:12] if split == "train" else WORDS[12:]
-        return [RLItem(f"{split}/{w}", [{"role": "user", "content": f"Say something about {w}."}], "digit")
-                for w in words]
-    return RLTask("digit", load, extract=lambda r: r, check=lambda r, a: bool(re.search(r"\d", r)))
-
-
-def small_gpt(vocab: int, seed: int = 0, depth: int = 1, width: int = 64) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(ModelConfig(vocab_size=vocab, n_layer=depth, n_head=2, n_kv_head=2, n_embd=width, max_seq_len=128))
-    torch.nn.init.normal_(model.lm_head.weight, std=0.02)  # the real init zeroes the head: every reply alike
-    return model
 
 
 def _source(model, tok, task, settings, **kw):
