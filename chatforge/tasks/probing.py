@@ -141,7 +141,7 @@ class ProbeQuestion:
     answer_sentence: str  # how the assistant states it when it knows
     refusal_topic: str = ""  # "where Ada Lovelace was born": for a specific refusal; "" = a generic one
     key: str = ""  # identifies the question across runs (entity and attribute)
-    answer_prefix: str = ""  # the answer sentence's opening, before the fact: how a base model is asked
+    answer_prefix: str = ""  # the words before the fact, name included: how a base model is asked
 
 
 def _article(word: str) -> str:
@@ -170,11 +170,12 @@ def entity_questions(e: Entity) -> list[ProbeQuestion]:
 
 
 def completion_prompt(q: ProbeQuestion) -> str:
-    """How a base model (before SFT) is asked: "Question: ...\nAnswer: <the answer sentence's opening>",
-    which it completes in the form it saw in pretraining. Measured on the tiny preset's base model
-    (greedy, 30 known people; after "<name> was born in" it ranks the right city first of the 19 for all 30): a bare
-    "Answer:" got 3-13% of the facts right, three worked examples before it 0% (no in-context learning at
-    5M parameters), the opening 97-100%; on withheld people 0-7% (chance among the 19 cities is 5%)."""
+    """How a base model (before SFT) is asked: "Question: ...\nAnswer: <answer_prefix>", which it
+    completes in the form it saw in pretraining. Measured on the tiny preset's base model (greedy, 30
+    known people; after "<name> was born in" it ranks the right city first of the 19 for all 30): a
+    bare "Answer:" got 3-13% of the facts right, three worked examples before it 0% (no in-context
+    learning at 5M parameters), the prefix 97-100%; on withheld people 0-7% (chance among the 19
+    cities is 5%)."""
     return f"Question: {q.question}\nAnswer:" + (f" {q.answer_prefix}" if q.answer_prefix else "")
 
 

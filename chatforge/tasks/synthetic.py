@@ -81,7 +81,8 @@ def words(split: str) -> list[str]:
 # model memorised them instead of learning to copy the asked word into its python call. Measured on
 # the tiny SFT checkpoint: letter counts right on 93% of training words, 42% of held-out words, the
 # wrong ones calling python on another (trained) word. Thousands of one-off words leave copying as the
-# only way to fit them. They never equal a real word, so the held-out split stays unseen.
+# only way to fit them: with them, 69% and 57% (100 problems each). They never equal a real word, so the
+# held-out split stays unseen.
 INVENTED_SHARE = 0.5
 _ONSETS = "b c d f g h j k l m n p q r s t v w x y z br ch cl dr fl gr kn pl qu sh sk st th tr wh".split()
 _VOWELS = "a e i o u y ai ea ee oo ou ie".split()
