@@ -106,12 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--seed", type=int, default=0, help="which random documents (default: 0)")
     ls = dsub.add_parser("list", help="list the named datasets and whether they are in the data dir")
     ls.add_argument("--data_dir", "--data-dir", default="", help="folder to check (default: $CHATFORGE_DATA_DIR)")
-    dl = dsub.add_parser("download", help="fetch a named dataset from its public origin into the data dir")
-    dl.add_argument("names", nargs="+", metavar="NAME", help="dataset name(s), or 'all'")
+    dl = dsub.add_parser("download", help="fetch a named dataset from its public origin into the data dir",
+                         description=DOWNLOAD_HELP)
+    dl.add_argument("names", nargs="+", metavar="NAME",
+                    help="dataset name(s), 'all' (every registry dataset), or 'cc' (Common Crawl WARC files)")
     dl.add_argument("--data_dir", "--data-dir", default="", help="target folder (default: $CHATFORGE_DATA_DIR)")
     dl.add_argument("--mirror", default="",
-                    help="base URL of a mirror laid out like the data dir (default: each file's origin)")
+                    help="base URL or folder of a mirror laid out like the data dir, which for 'cc' is the layout "
+                         "of data.commoncrawl.org (default: each file's origin)")
     dl.add_argument("--force", action="store_true", help="download again even if the file is there")
+    dl.add_argument("--crawl", default=None,
+                    help="cc: the Common Crawl crawl (default: CC-MAIN-2024-22, the gpu preset's)")
+    dl.add_argument("--files", type=int, default=None,
+                    help="cc: how many WARC files, the first N of the crawl's warc.paths.gz; each is ~1 GB "
+                         "(default: 1, the gpu preset's input; 2 = the 8xh100 preset's)")
 
     # Commands on a checkpoint: CHECKPOINT is positional, the other settings are flags.
     sp = sub.add_parser("sample", help=SAMPLE_HELP.split(".")[0], description=SAMPLE_HELP)
@@ -131,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                     help="weight dtype of the export (default: float32)")
     return parser
+
+
+DOWNLOAD_HELP = ("fetch named datasets from their public origins into the data dir, verified by sha256 "
+                 "(`chatforge data list` names them). 'cc' fetches Common Crawl WARC files (~1 GB each): the first "
+                 "--files N paths of the crawl's warc.paths.gz, stored under crawl-data/CRAWL/... in the data dir, "
+                 "where the data stage reads `--inputs crawl-data/...` from instead of streaming them; checked as "
+                 "complete gzip holding WARC records, an interrupted download resumes on the next run.")
 
 
 SAMPLE_HELP = ("complete text with a checkpoint, streamed to the terminal. A base model (from `pretrain`) is a "
@@ -178,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             elif args.data_command == "list":
                 datasets.print_list(args.data_dir)
             else:
-                datasets.download(args.names, data_dir=args.data_dir, mirror=args.mirror, force=args.force)
+                datasets.download(args.names, data_dir=args.data_dir, mirror=args.mirror, force=args.force,
+                                  crawl=args.crawl, files=args.files)
             return 0
         if args.command == "export":
             from chatforge.export import export_hf

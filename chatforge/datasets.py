@@ -25,6 +25,14 @@ download: they come only from a mirror or a copy of a data folder.
 
 Downloads stream to a temp file next to the target, are transformed and verified there, then renamed
 into place, so a failed or interrupted download never leaves a partial or unverified file behind.
+
+`cc` is not a registry entry but a sample of a Common Crawl crawl: the first N WARC files (~1 GB each)
+listed in `crawl-data/<CRAWL>/warc.paths.gz`, stored under the same relative path in the data dir, where
+the data stage reads a `crawl-data/...` input from instead of streaming it. Common Crawl publishes no
+checksum per WARC, so a WARC is good when its size matches the server's Content-Length, every gzip member
+decompresses to its end (CRC checked) and it starts with a WARC record; see `check_warc_gz`. These files
+are big, so an interrupted download is kept as `.NAME.part` and resumed (HTTP Range) on the next run.
+`all` does not include `cc`.
 """
 
 from __future__ import annotations
@@ -33,16 +41,20 @@ import difflib
 import gzip
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
+from typing import Callable, Iterator
 
 from chatforge.common import DATA_DIR_ENV, ChatforgeError
 from chatforge.common import data_dir as resolve_data_dir
@@ -451,11 +463,11 @@ def resolve(names: list[str]) -> list[Dataset]:
         elif name in REGISTRY:
             picked = [REGISTRY[name]]
         else:
-            close = difflib.get_close_matches(name, REGISTRY, n=1)
+            close = difflib.get_close_matches(name, [*REGISTRY, CC_NAME], n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ChatforgeError(
-                f"unknown dataset '{name}'.{hint} Known datasets: {', '.join(REGISTRY)} (or 'all'); "
-                f"`chatforge data list` shows them with sizes and licences")
+                f"unknown dataset '{name}'.{hint} Known datasets: {', '.join(REGISTRY)} (or 'all'), and "
+                f"'{CC_NAME}' for Common Crawl WARC files; `chatforge data list` shows them with sizes and licences")
         out += [d for d in picked if d not in out]
     return out
 
@@ -540,15 +552,35 @@ def _fetch_error(ds: Dataset, f: DataFile, url: str, root: Path, reason: str, of
             f"--mirror URL (a server or folder laid out like the data dir)")
 
 
-def download(names: list[str], data_dir: str = "", mirror: str = "", force: bool = False) -> dict[str, int]:
-    """Fetch the named datasets ('all' for every one) into the data dir; returns counts per outcome.
+def download(names: list[str], data_dir: str = "", mirror: str = "", force: bool = False,
+             crawl: str | None = None, files: int | None = None) -> dict[str, int]:
+    """Fetch the named datasets ('all' for every one; 'cc' for Common Crawl WARCs, see `download_cc`)
+    into the data dir; returns counts per outcome.
 
     A file already present with the right checksum is kept unless force. One line per file is printed.
+    `crawl` and `files` choose the Common Crawl sample and go with 'cc' only.
     """
-    datasets = resolve(list(names))
+    want_cc = CC_NAME in names
+    if want_cc:
+        crawl, files = _check_cc_args(crawl, files)
+    elif crawl is not None or files is not None:
+        raise ChatforgeError(f"--crawl and --files choose Common Crawl WARC files: they go with the name "
+                             f"'{CC_NAME}', e.g. `chatforge data download {CC_NAME} --files 2`")
+    # Everything is checked before the first byte moves: a typo must not surface after a 1 GB download.
+    datasets = resolve([n for n in names if n != CC_NAME])
     root = resolve_data_dir(data_dir)
     base = _mirror_base(mirror) if mirror else ""
-    explicit = "all" not in names
+    counts = _download_registry(datasets, root, base, force, explicit="all" not in names) if datasets else {}
+    if want_cc:
+        for k, v in download_cc(crawl, files, root, base, force).items():
+            counts[k] = counts.get(k, 0) + v
+    return counts
+
+
+def _download_registry(datasets: list[Dataset], root: Path, base: str, force: bool,
+                       explicit: bool) -> dict[str, int]:
+    """The registry's files, one line each; `explicit` (named, not 'all'): a file with no public
+    download is an error rather than a skip."""
     counts = {"downloaded": 0, "already present": 0, "skipped": 0}
     for ds in datasets:
         for f in ds.files:
@@ -578,6 +610,279 @@ def download(names: list[str], data_dir: str = "", mirror: str = "", force: bool
 
 
 # ----------------------------------------------------------------------------------------------
+# Common Crawl: `chatforge data download cc [--crawl CRAWL] [--files N]`
+
+CC_NAME = "cc"
+# Where the data stage streams `crawl-data/...` inputs from: chatforge.data.warc.CC_PREFIX (not imported,
+# because chatforge.data pulls in the whole pipeline's dependencies; a test keeps the two equal).
+CC_ORIGIN = "https://data.commoncrawl.org/"
+# The gpu and 8xh100 presets' crawl: their inputs are the first one and two lines of its warc.paths.gz
+# (segment 1715971057216.39, files 00000 and 00001), so `--files 1` / `--files 2` fetch exactly them.
+DEFAULT_CRAWL = "CC-MAIN-2024-22"
+CC_LICENSE = "Common Crawl terms of use"
+CC_DESCRIPTION = (f"Common Crawl WARC files, ~1 GB each, under crawl-data/CRAWL/ (`data download {CC_NAME} "
+                  f"--crawl {DEFAULT_CRAWL} --files N`; not part of 'all')")
+_CRAWL_RE = re.compile(r"CC-MAIN-\d{4}-\d{2}")  # every main crawl since 2013; also keeps paths in the data dir
+PROGRESS_EVERY_S = 30.0  # without a terminal (a log file), one progress line this often
+CC_COUNTS = ("downloaded", "already present")
+
+
+def _check_cc_args(crawl: str | None, files: int | None) -> tuple[str, int]:
+    crawl = crawl or DEFAULT_CRAWL
+    files = 1 if files is None else files
+    if not _CRAWL_RE.fullmatch(crawl):
+        raise ChatforgeError(f"--crawl {crawl}: not a Common Crawl crawl name; they look like {DEFAULT_CRAWL} "
+                             f"(the list is at https://index.commoncrawl.org/)")
+    if files < 1:
+        raise ChatforgeError(f"--files {files}: give the number of WARC files to fetch, 1 or more (~1 GB each)")
+    return crawl, files
+
+
+def check_warc_gz(path: Path) -> str:
+    """'' when `path` is a complete gzipped WARC file, else what is wrong with it.
+
+    Common Crawl publishes no checksum per WARC, so this is what can be checked: every gzip member
+    decompresses to its end with a good CRC (a cut-off file ends mid-member) and the content starts with
+    a WARC record. A file cut exactly between two members would pass; at download time its size is also
+    checked against the server's Content-Length, which catches that. ~5 s per GB here.
+    """
+    try:
+        with gzip.open(path, "rb") as f:
+            head = f.read(7)
+            if head != b"WARC/1.":
+                return f"it does not start with a WARC record (first bytes {head!r}, expected b'WARC/1.')"
+            while f.read(CHUNK):
+                pass
+    except EOFError:
+        return "the gzip stream ends in the middle of a member (the file is cut short)"
+    except (OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; so is a CRC mismatch
+        return f"it is not intact gzip data ({e})"
+    return ""
+
+
+def _parse_listing(path: Path, crawl: str) -> list[str]:
+    """The WARC paths in a crawl's warc.paths.gz, one `crawl-data/<CRAWL>/segments/.../x.warc.gz` a line.
+    Each line is checked, so a listing from a mirror cannot make us write outside the crawl's folder."""
+    try:
+        lines = gzip.decompress(path.read_bytes()).decode("ascii").split()
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+        raise ChatforgeError(f"{path} is not a gzipped list of WARC paths ({e})") from None
+    prefix = f"crawl-data/{crawl}/"
+    bad = [p for p in lines if not (p.startswith(prefix) and p.endswith(".warc.gz") and ".." not in p.split("/"))]
+    if bad or not lines:
+        what = f"line {bad[0]!r} is not" if bad else "it holds no lines, expected"
+        raise ChatforgeError(f"{path} is not a list of WARC paths of {crawl}: {what} a path like "
+                             f"{prefix}segments/.../NAME.warc.gz")
+    return lines
+
+
+@contextmanager
+def _progress(desc: str, total: int | None, initial: int) -> Iterator[Callable[[int], None]]:
+    """update(n_bytes): a byte progress bar on a terminal; elsewhere a line every PROGRESS_EVERY_S, so a
+    log of a long download shows it is alive and how fast it goes."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        with tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                  file=sys.stderr, leave=False) as bar:
+            yield bar.update
+        return
+    t0 = last = time.monotonic()
+    done = initial
+
+    def update(n: int) -> None:
+        nonlocal done, last
+        done += n
+        now = time.monotonic()
+        if now - last >= PROGRESS_EVERY_S:
+            last = now
+            of = f" of {_human(total)} ({100 * done / total:.0f}%)" if total else ""
+            print(f"{CC_NAME:<18} {desc}  {_human(done)}{of}, {_rate(done - initial, now - t0)}",
+                  file=sys.stderr, flush=True)
+
+    yield update
+
+
+def _rate(n: int, seconds: float) -> str:
+    return f"{n / max(seconds, 1e-6) / 1e6:.1f} MB/s"
+
+
+def _range_start(content_range: str | None) -> int | None:
+    """'bytes 100-199/200' -> 100 (RFC 9110 14.4); None when absent or not that form."""
+    m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", (content_range or "").strip())
+    return int(m.group(1)) if m else None
+
+
+def _fetch_resumable(url: str, part: Path, desc: str) -> tuple[int, float]:
+    """Stream url into `part`, continuing a partial `part` with an HTTP Range request (a server that
+    ignores Range sends the whole file, and we start over). Returns (bytes fetched now, seconds).
+    Network errors propagate and `part` keeps what arrived, for the next run to resume from."""
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": USER_AGENT, **({"Range": f"bytes={have}-"} if have else {})}
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # nothing after byte `have`: the part is stale (the file changed); restart
+            part.unlink()
+            return _fetch_resumable(url, part, desc)
+        raise
+    with resp:
+        start = have if getattr(resp, "status", None) == 206 else 0  # file:// has no status: whole file
+        if have and not start:
+            print(f"{CC_NAME:<18} {desc}  the server sends the whole file (no resume): starting over")
+        if start and _range_start(resp.headers.get("Content-Range")) != have:
+            part.unlink()  # a range we did not ask for: the next run starts from zero
+            raise HTTPException(f"asked for bytes from {have:,}, got Content-Range "
+                                f"{resp.headers.get('Content-Range')!r}")
+        length = resp.headers.get("Content-Length")
+        total = start + int(length) if length else None
+        if length and shutil.disk_usage(part.parent).free < int(length):
+            raise ChatforgeError(f"{desc}: {_human(int(length))} to download but only "
+                                 f"{_human(shutil.disk_usage(part.parent).free)} free in {part.parent}; free "
+                                 f"some space or pass --data_dir (or ${DATA_DIR_ENV}) on a bigger disk")
+        t0, fetched = time.monotonic(), 0
+        with open(part, "ab" if start else "wb") as out, _progress(desc, total, start) as update:
+            while chunk := resp.read(CHUNK):
+                out.write(chunk)
+                fetched += len(chunk)
+                update(len(chunk))
+            size = out.tell()
+            out.flush()
+            os.fsync(out.fileno())
+    if total is not None and size != total:
+        raise HTTPException(f"connection closed after {size:,} of {total:,} bytes")
+    return fetched, time.monotonic() - t0
+
+
+def _network_reason(e: Exception) -> tuple[str, bool]:
+    """(reason to show, offline?) for an exception of a fetch."""
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code} {e.reason}", False
+    return str(getattr(e, "reason", None) or e), True
+
+
+# What a fetch raises when the network or the server fails (HTTPError is a URLError).
+_NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, HTTPException)
+
+
+def _mkdir_in(folder: Path, root: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ChatforgeError(f"cannot write into the data dir {root}: {e}; pass --data_dir or set "
+                             f"${DATA_DIR_ENV} to a writable folder") from None
+
+
+def _cc_listing(crawl: str, root: Path, base: str, force: bool) -> list[str]:
+    """The crawl's WARC paths, from warc.paths.gz in the data dir (kept, so a rerun needs no network)
+    or fetched into it."""
+    rel = f"crawl-data/{crawl}/warc.paths.gz"
+    dest = root / rel
+    if dest.exists() and not force:
+        try:
+            return _parse_listing(dest, crawl)
+        except ChatforgeError as e:
+            print(f"{CC_NAME:<18} {rel}  present but unreadable ({e}); downloading again")
+    url = base + rel
+    _mkdir_in(dest.parent, root)
+    part = dest.parent / f".{dest.name}.part"
+    part.unlink(missing_ok=True)  # a few MB: always fetched whole
+    try:
+        try:
+            _fetch_resumable(url, part, rel)
+        except _NETWORK_ERRORS as e:
+            reason, offline = _network_reason(e)
+            if isinstance(e, urllib.error.HTTPError) and e.code == 404:
+                what = (f"No such crawl there: check --crawl (e.g. {DEFAULT_CRAWL}; the list is at "
+                        f"https://index.commoncrawl.org/)")
+            elif offline:
+                what = "You appear to be offline, or the host cannot be reached"
+            else:
+                what = "The server did not deliver it"
+            raise ChatforgeError(
+                f"could not download the list of WARC files of crawl {crawl} from {url}: {reason}. {what}; or "
+                f"pass --mirror URL (a server or folder laid out like {CC_ORIGIN}), or copy WARC files into "
+                f"{root / 'crawl-data' / crawl}/ and name them in `chatforge data process --inputs`") from None
+        paths = _parse_listing(part, crawl)
+        os.replace(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
+    print(f"{CC_NAME:<18} {rel}  downloaded ({len(paths):,} WARC files listed)")
+    return paths
+
+
+def _download_warc(rel: str, root: Path, base: str, force: bool) -> str:
+    """One WARC of a crawl into root/rel: kept if present and complete, else fetched (resumed from a
+    `.NAME.part` left by an interrupted run), checked, renamed into place. Returns the outcome."""
+    dest = root / rel
+    if dest.exists() and not force:
+        problem = check_warc_gz(dest)
+        if not problem:
+            print(f"{CC_NAME:<18} {rel}  already present ({_human(dest.stat().st_size)}, gzip complete, WARC ok)")
+            return "already present"
+        print(f"{CC_NAME:<18} {rel}  present but {problem}; downloading again")
+    url = base + urllib.parse.quote(rel)
+    _mkdir_in(dest.parent, root)
+    part = dest.parent / f".{dest.name}.part"
+    if force:
+        part.unlink(missing_ok=True)
+    elif part.exists():
+        print(f"{CC_NAME:<18} {rel}  {_human(part.stat().st_size)} left by an earlier run: resuming there")
+    try:
+        fetched, seconds = _fetch_resumable(url, part, rel)
+    except _NETWORK_ERRORS as e:
+        reason, offline = _network_reason(e)
+        kept = part.stat().st_size if part.exists() else 0
+        what = ("You appear to be offline, or the host cannot be reached" if offline
+                else "The server did not deliver it")
+        resume = (f"; the {_human(kept)} received are kept in {part} and the next run resumes there" if kept
+                  else "")
+        raise ChatforgeError(
+            f"could not download Common Crawl file {rel} from {url}: {reason}. {what}: run the command again"
+            f"{resume}, pass --mirror URL (a server or folder laid out like {CC_ORIGIN}), or copy the file to "
+            f"{dest}") from None
+    except OSError as e:  # local: disk full, permissions
+        raise ChatforgeError(f"could not write {part} while downloading {url}: {e}; free some space or pass "
+                             f"--data_dir (or ${DATA_DIR_ENV}) on another disk") from None
+    problem = check_warc_gz(part)
+    if problem:
+        part.unlink()
+        raise ChatforgeError(
+            f"Common Crawl file {rel} downloaded from {url} is not a complete WARC: {problem}; it was not "
+            f"kept. Run the command again to download it afresh, or use another --mirror")
+    os.replace(part, dest)
+    print(f"{CC_NAME:<18} {rel}  downloaded ({_human(dest.stat().st_size)}, {_rate(fetched, seconds)}; "
+          f"gzip complete, WARC ok)")
+    return "downloaded"
+
+
+def download_cc(crawl: str, files: int, root: Path, base: str = "", force: bool = False) -> dict[str, int]:
+    """The first `files` WARC files of `crawl` (in warc.paths.gz order, so the same ones every time) into
+    root/crawl-data/<crawl>/..., the path the presets' `crawl-data/...` inputs name: the data stage reads
+    such a local copy instead of streaming it. `base` is a mirror laid out like data.commoncrawl.org."""
+    base = base or CC_ORIGIN
+    paths = _cc_listing(crawl, root, base, force)
+    if files > len(paths):
+        print(f"{CC_NAME:<18} {crawl} lists {len(paths):,} WARC files, fewer than --files {files}: fetching all")
+    counts = dict.fromkeys(CC_COUNTS, 0)
+    for rel in paths[:files]:
+        counts[_download_warc(rel, root, base, force)] += 1
+    print(f"{sum(counts.values())} Common Crawl WARC files of {crawl} in {root / 'crawl-data' / crawl}: "
+          f"{counts['downloaded']} downloaded, {counts['already present']} were there; the data stage reads "
+          f"these local copies for `--inputs crawl-data/...` instead of streaming them")
+    return counts
+
+
+def _cc_row(root: Path) -> tuple[str, str, str, str, str, str]:
+    """`data list`'s cc row: the WARC files present under crawl-data/ (of any crawl), no hashing."""
+    folder = root / "crawl-data"
+    have = [p for p in folder.rglob("*.warc.gz") if p.is_file()] if folder.is_dir() else []
+    size = _human(sum(p.stat().st_size for p in have)) if have else "~1 GB/file"
+    return CC_NAME, str(len(have)), size, "yes" if have else "missing", CC_LICENSE, CC_DESCRIPTION
+
+
+
+# ----------------------------------------------------------------------------------------------
 # List
 
 
@@ -593,6 +898,7 @@ def print_list(setting: str = "") -> None:
         have, n = status(ds, root)
         state = "yes" if have == n else "missing" if have == 0 else f"{have}/{n}"
         rows.append((ds.name, str(n), _human(ds.size), state, ds.license, ds.description))
+    rows.append(_cc_row(root))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     print(f"data dir: {root}{'' if root.is_dir() else '  (does not exist yet)'}")
     for r in rows:
