@@ -170,6 +170,19 @@ def test_download_two_files_to_their_crawl_paths_then_kept(site, tmp_path, capsy
     assert row.split()[:2] == ["cc", "2"] and " yes " in row and "Common Crawl" in row, row
 
 
+def test_the_data_stage_reads_the_local_copy(site, tmp_path):
+    """The presets' `crawl-data/...` inputs resolve to the downloaded file; others are still streamed."""
+    from chatforge.data.warc import expand_inputs, iter_pages
+
+    server = site()
+    target = tmp_path / "data"
+    assert download(target, server.url) == 0
+    assert expand_inputs([PATHS[0], PATHS[1]], target) == [str(target / PATHS[0]), PATHS[1]]
+    pytest.importorskip("fastwarc")
+    pages = list(iter_pages(str(target / PATHS[0])))
+    assert [p.url for p in pages] == [f"https://example.org/0/{i}" for i in range(3)]
+
+
 def test_origin_is_where_the_data_stage_streams_from(site, monkeypatch, tmp_path):
     """Without --mirror the files come from data.commoncrawl.org, the data stage's CC_PREFIX; a local
     server stands in for it."""

@@ -610,7 +610,9 @@ def parse_date(date: str) -> str:
 def expand_inputs(patterns: list[str], setting: str | os.PathLike = "") -> list[str]:
     """Local paths/globs (relative ones looked up in the data dir too, as `chatforge.common.data_path`
     does; `setting` is the --data_dir setting), URLs and Common Crawl paths, in the given order,
-    duplicates removed. Raises FileNotFoundError naming an entry with no match."""
+    duplicates removed. A Common Crawl path whose file is in the data dir (`chatforge data download cc`
+    puts it there) is that local file: read from disk, not streamed again. Raises FileNotFoundError
+    naming an entry with no match."""
     import glob
 
     from chatforge.common import ChatforgeError, data_dir, data_path
@@ -618,6 +620,9 @@ def expand_inputs(patterns: list[str], setting: str | os.PathLike = "") -> list[
     setting = str(setting) if setting else ""
     out: list[str] = []
     for p in patterns:
+        if p.startswith("crawl-data/") and (data_dir(setting) / p).is_file():
+            out.append(str(data_dir(setting) / p))
+            continue
         if p.startswith(("http://", "https://", "crawl-data/")):
             out.append(p)
             continue
