@@ -644,7 +644,8 @@ def check_warc_gz(path: Path) -> str:
     Common Crawl publishes no checksum per WARC, so this is what can be checked: every gzip member
     decompresses to its end with a good CRC (a cut-off file ends mid-member) and the content starts with
     a WARC record. A file cut exactly between two members would pass; at download time its size is also
-    checked against the server's Content-Length, which catches that. ~5 s per GB here.
+    checked against the server's Content-Length, which catches that. Reads ~65 MB/s of gzip on one busy
+    core here (the docs WARCs of the data dir), so ~15 s for a 1 GB WARC, also when a rerun finds it present.
     """
     try:
         with gzip.open(path, "rb") as f:
@@ -796,11 +797,11 @@ def _cc_listing(crawl: str, root: Path, base: str, force: bool) -> list[str]:
                 what = (f"No such crawl there: check --crawl (e.g. {DEFAULT_CRAWL}; the list is at "
                         f"https://index.commoncrawl.org/)")
             elif offline:
-                what = "You appear to be offline, or the host cannot be reached"
+                what = "You appear to be offline, or the host cannot be reached: run it again when online"
             else:
-                what = "The server did not deliver it"
+                what = "The server did not deliver it: run it again later"
             raise ChatforgeError(
-                f"could not download the list of WARC files of crawl {crawl} from {url}: {reason}. {what}; or "
+                f"could not download the list of WARC files of crawl {crawl} from {url}: {reason}. {what}, "
                 f"pass --mirror URL (a server or folder laid out like {CC_ORIGIN}), or copy WARC files into "
                 f"{root / 'crawl-data' / crawl}/ and name them in `chatforge data process --inputs`") from None
         paths = _parse_listing(part, crawl)
