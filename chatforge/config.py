@@ -651,7 +651,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # One GPU, a few hours; the tokenizer matches nanochat's size class.
     "gpu": {
         "common": {"run": "gpu"},
-        # One Common Crawl segment's worth of WARCs, streamed over HTTPS (add paths from the crawl's
+        # The first WARC file of a Common Crawl crawl, streamed over HTTPS or read from the data dir after
+        # `chatforge data download cc` (add paths from the crawl's
         # warc.paths.gz); the full UT1 blocklist FineWeb used.
         "data": {"inputs": ["crawl-data/CC-MAIN-2024-22/segments/1715971057216.39/warc/"
                             "CC-MAIN-20240517233122-20240518023122-00000.warc.gz"],

@@ -577,6 +577,7 @@ def stage_results_section(info: RunInfo) -> list[Block]:
                            ("letter counting with python: right", ("letter_count", "correct_rate")),
                            ("arithmetic with python: right", ("arithmetic", "correct_rate")),
                            ("probe: known people answered right", ("probe", "known_correct_rate")),
+                           ("probe: known people never in SFT's probing data, right", ("probe", "known_heldout_correct_rate")),
                            ("probe: withheld people refused", ("probe", "unknown_refusal_rate"))):
             before, after = _get(sft, "before", *keys), _get(sft, "after", *keys)
             if after is not None:

@@ -180,7 +180,8 @@ def report_lines(s: dict) -> str:
         if "probe" in a:
             p0 = (b or {}).get("probe", {})
             lines.append(f"  probe known correct {p0.get('known_correct_rate', float('nan')):.0%} -> "
-                         f"{a['probe']['known_correct_rate']:.0%}; unknown refused "
+                         f"{a['probe']['known_correct_rate']:.0%} (people not in the probing data "
+                         f"{a['probe'].get('known_heldout_correct_rate', float('nan')):.0%}); unknown refused "
                          f"{p0.get('unknown_refusal_rate', float('nan')):.0%} -> {a['probe']['unknown_refusal_rate']:.0%}")
         if "bpb" in a and b and "bpb" in b:
             lines.append(f"  pretraining val bpb {b['bpb']:.4f} -> {a['bpb']:.4f}")
