@@ -27,8 +27,8 @@ from chatforge.report import latest_checkpoint
 STAGE_SECONDS = {
     "tiny": {"data": 13, "facts": 1, "tokenizer": 2, "pretrain": 382, "index": 1, "sft": 85, "rl": 257,
              "rlhf": 168, "evaluate": 18, "report": 1},
-    "laptop": {"data": 13, "facts": 1, "tokenizer": 2, "pretrain": 1900, "index": 1, "sft": 500, "rl": 450,
-               "rlhf": 330, "evaluate": 90, "report": 1},
+    "laptop": {"data": 14, "facts": 1, "tokenizer": 2, "pretrain": 1955, "index": 1, "sft": 418, "rl": 749,
+               "rlhf": 341, "evaluate": 49, "report": 1},
 }
 TINY_SECONDS = STAGE_SECONDS["tiny"]
 # Stages that are not skipped when complete: they keep their finished parts and redo the rest.
