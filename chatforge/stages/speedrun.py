@@ -25,7 +25,7 @@ from chatforge.report import latest_checkpoint
 # by how long the stages run so far took against their entry. GPU presets show the elapsed time only
 # (their stages print their own ETAs).
 STAGE_SECONDS = {
-    "tiny": {"data": 13, "facts": 1, "tokenizer": 2, "pretrain": 382, "index": 1, "sft": 85, "rl": 257,
+    "tiny": {"data": 16, "facts": 1, "tokenizer": 2, "pretrain": 382, "index": 1, "sft": 311, "rl": 275,
              "rlhf": 168, "evaluate": 18, "report": 1},
     "laptop": {"data": 14, "facts": 1, "tokenizer": 2, "pretrain": 1955, "index": 1, "sft": 418, "rl": 749,
                "rlhf": 341, "evaluate": 49, "report": 1},
