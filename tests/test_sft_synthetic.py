@@ -22,7 +22,7 @@ def test_problems_are_deterministic_and_answers_are_right():
         assert make_problems(kind, 50, "train", seed=4) != a[:50]
         for p in a:  # recompute every answer from the prompt, independently of the generator
             if kind == "letter_count":
-                shown, letter = re.fullmatch(r"'(\w+)'\.lower\(\)\.count\('(.)'\)", p.code).groups()
+                shown, letter = re.fullmatch(r"word = ['\"] ?(\w+)['\"]\nword\.lower\(\)\.count\('(.)'\)", p.code).groups()
                 assert re.search(rf"\b{shown}\b", p.prompt) and re.search(rf"\b{letter}\b", p.prompt)
                 assert p.answer == str(sum(c == letter for c in shown.lower()))
             elif kind == "spelling":
@@ -39,6 +39,30 @@ def test_problems_are_deterministic_and_answers_are_right():
                 x, op, y = re.search(r"(\d+) (\+|-|\*|plus|minus|times) (\d+)", p.prompt).groups()
                 x, y = int(x), int(y)
                 assert int(p.answer) == {"+": x + y, "plus": x + y, "-": x - y, "minus": x - y}.get(op, x * y)
+
+
+def test_the_code_repeats_the_word_in_the_prompts_own_tokens(shared_data):
+    """The python call copies the asked word token for token (the tiny model copies tokens, not letters):
+    the word's tokens in the prompt, quotes and leading space included, reappear in the code, for bare,
+    'single' and "double" quoted prompts. Without the fix ('strawberry' at the start of the code) the
+    gpt4 pattern splits "'s|t|raw|ber|ry" against the prompt's " straw|ber|ry"."""
+    tok = real_tokenizer(str(shared_data))
+    pieces = lambda text: [tok.decode([i]) for i in tok.encode(text)]
+    seen_quotes = set()
+    for kind in ("letter_count", "spelling", "reverse"):
+        for p in make_problems(kind, 60, "val") + make_problems(kind, 60, "train"):
+            literal = re.match(r"word = (['\"] ?\w+['\"])\n", p.code).group(1)
+            word = literal.strip("'\" ")
+            quote = "" if literal.startswith("' ") else literal[0]
+            seen_quotes.add(quote)
+            asked = (" " + word) if not quote else (" " + quote + word)
+            want = pieces(asked)  # the word as the prompt tokenizes it (after its space or " '")
+            assert asked in p.prompt and "".join(want) == asked
+            code = pieces(p.code)
+            assert any(code[i:i + len(want)] == want for i in range(len(code))), (p.prompt, want, code)
+    assert seen_quotes == {"", "'", '"'}
+    # why: the former code ('strawberry'.lower()...) began with "'s", a contraction, so its tokens differed
+    assert pieces("'strawberry")[0] == "'s" and pieces(" strawberry")[0] != "'s"
 
 
 def test_held_out_splits_are_disjoint():
@@ -65,7 +89,7 @@ def test_training_words_are_half_invented_and_never_held_out_words():
     for kind in ("letter_count", "spelling", "reverse"):
         train = make_problems(kind, 400, "train", seed=2)
         used = [p.answer.replace("-", "") if kind == "spelling" else p.answer[::-1] if kind == "reverse"
-                else re.search(r"'(\w+)'\.lower", p.code).group(1).lower() for p in train]
+                else re.match(r"word = ['\"] ?(\w+)", p.code).group(1).lower() for p in train]
         invented = [w for w in used if w not in WORDS]
         assert 0.4 < len(invented) / len(used) < 0.6 and len(set(invented)) > 150, kind
         assert not set(used) & val_words

@@ -79,14 +79,16 @@ def _answer(card: IdentityCard, topic: str, rng: random.Random) -> str:
         return rng.choice([f"I was built by {m}. I'm {n}.", f"{m[0].upper() + m[1:]} created me; my name is {n}.",
                            f"I'm {n}, developed by {m}, not by any other company."])
     if topic == "abilities":
-        return f"I'm {n}. I can {_join(card.abilities)}."
+        # names the maker as well: the tiny model answered held-out "who am I chatting with?" with this
+        # template, and a reply to "who are you" without the maker misses the identity check
+        return f"I'm {n}, made by {m}. I can {_join(card.abilities)}."
     if topic == "limits":
         return f"Some honest limits: {_join(card.limits)}."
     if topic == "cutoff":
         return (f"My training data goes up to {card.knowledge_cutoff}, so I may not know about later events "
                 f"unless you tell me or I find them with search.")
     return rng.choice([f"Hello! I'm {n}, an AI assistant made by {m}. How can I help you today?",
-                       f"Hi! I'm {n}. What can I do for you?"])
+                       f"Hi! I'm {n}, built by {m}. What can I do for you?"])
 
 
 # Other identities a system prompt may assign (the assistant must follow them, not the card)

@@ -105,36 +105,55 @@ def _word_picker(split: str):
     return lambda rng: invented_word(rng) if rng.random() < INVENTED_SHARE else rng.choice(pool)
 
 
+# The python call must copy the asked word, and a tiny model copies tokens, not letters. The gpt4 split
+# pattern cuts text before it runs BPE, and what precedes a word changes its tokens: " strawberry" ->
+# " straw|ber|ry", " 'strawberry" -> " '|st|raw|ber|ry", but "'strawberry" at the start of a line ->
+# "'s|t|raw|ber|ry" ("'s" is a contraction). A call 'strawberry'.count('r') after "in the word strawberry?"
+# asks the model to re-spell the word in other tokens, which it cannot do for a word it never saw. So the
+# code assigns the word after a space and repeats it exactly as the prompt shows it: bare -> word = ' strawberry'
+# (" '" then the prompt's own " straw|ber|ry"), 'strawberry' -> word = 'strawberry', "x" -> word = "x".
+# Measured on the tiny SFT checkpoint: see bench/RESULTS.md "SFT".
+def _assign(shown: str, quote: str) -> str:
+    """`word = <literal>` repeating `shown` as the prompt wrote it (quote '' = bare, after a space)."""
+    return f"word = ' {shown}'" if not quote else f"word = {quote}{shown}{quote}"
+
+
+def _ask(rng: random.Random, templates: list[tuple[str, str]], shown: str) -> tuple[str, str]:
+    """(prompt, the code's first line) from one of (template with {w}, how it quotes the word: '', "'", '"')."""
+    template, quote = rng.choice(templates)
+    return template.format(w=f"{quote}{shown}{quote}"), _assign(shown, quote)
+
+
 def _letter_count(rng: random.Random, pick) -> tuple[str, Problem]:
     word = pick(rng)
     present = sorted(set(word))
     letter = rng.choice(present) if rng.random() < 0.8 else rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c not in word])
     shown = word.upper() if rng.random() < 0.1 else word
-    prompt = rng.choice([
-        f"How many {letter}'s are in the word {shown}?",
-        f"How many times does the letter '{letter}' appear in '{shown}'?",
-        f"Count the letter {letter} in {shown}.",
-        f"In the word \"{shown}\", how many {letter} are there?",
-        f"how many {letter} in {shown}",
-    ])
+    prompt, assign = _ask(rng, [
+        (f"How many {letter}'s are in the word {{w}}?", ""),
+        (f"How many times does the letter '{letter}' appear in {{w}}?", "'"),
+        (f"Count the letter {letter} in {{w}}.", ""),
+        (f"In the word {{w}}, how many {letter} are there?", '"'),
+        (f"how many {letter} in {{w}}", ""),
+    ], shown)
     n = word.count(letter)
-    code = f"{shown!r}.lower().count({letter!r})"
+    code = f"{assign}\nword.lower().count({letter!r})"
     return f"{word}", Problem(prompt, str(n), "letter_count", code, repr(n) + "\n")
 
 
 def _spelling(rng: random.Random, pick) -> tuple[str, Problem]:
     word = pick(rng)
-    prompt = rng.choice([f"Spell the word {word}.", f"How do you spell '{word}' letter by letter?",
-                         f"Spell out {word} one letter at a time.", f"spell {word}"])
+    prompt, assign = _ask(rng, [("Spell the word {w}.", ""), ("How do you spell {w} letter by letter?", "'"),
+                                 ("Spell out {w} one letter at a time.", ""), ("spell {w}", "")], word)
     answer = "-".join(word)
-    return word, Problem(prompt, answer, "spelling", f"'-'.join({word!r})", repr(answer) + "\n")
+    return word, Problem(prompt, answer, "spelling", f"{assign}\n'-'.join(word.strip())", repr(answer) + "\n")
 
 
 def _reverse(rng: random.Random, pick) -> tuple[str, Problem]:
     word = pick(rng)
-    prompt = rng.choice([f"Reverse the word {word}.", f"What is '{word}' spelled backwards?",
-                         f"Write {word} backwards.", f"reverse {word}"])
-    return word, Problem(prompt, word[::-1], "reverse", f"{word!r}[::-1]", repr(word[::-1]) + "\n")
+    prompt, assign = _ask(rng, [("Reverse the word {w}.", ""), ("What is {w} spelled backwards?", "'"),
+                                 ("Write {w} backwards.", ""), ("reverse {w}", "")], word)
+    return word, Problem(prompt, word[::-1], "reverse", f"{assign}\nword.strip()[::-1]", repr(word[::-1]) + "\n")
 
 
 def _decimal(rng: random.Random) -> str:
