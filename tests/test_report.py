@@ -286,3 +286,26 @@ def test_speedrun_progress_line_estimates_time_left():
     # this machine took twice the table's time so far: twice the table's time left
     assert eta("tiny", ["sft"], 2 * TINY_SECONDS["pretrain"], TINY_SECONDS["pretrain"]) == \
         f", about {fmt_s(2 * TINY_SECONDS['sft'])} left"
+
+
+def test_speedrun_warns_when_other_jobs_load_the_cpu():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from chatforge.stages.speedrun import busy_note, cpu_busy_share
+
+    assert busy_note(None, 2) is None and busy_note(0.1, 2) is None  # no /proc/stat, or a blip
+    assert "about 1.0 of this machine's 2 cores" in busy_note(0.5, 2)  # one core taken by another job
+    assert busy_note(0.2, 16) is None and "6.4 of this machine's 16" in busy_note(0.4, 16)
+    # a real busy process next to the measurement: at least most of one core reads as busy
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        share = cpu_busy_share(1.0)
+    finally:
+        spin.kill()
+        spin.wait()
+    cores = os.cpu_count() or 1
+    assert share is not None and share * cores > 0.7, share

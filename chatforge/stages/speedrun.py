@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import os
 import time
 from pathlib import Path
 
@@ -54,6 +55,9 @@ def run(cfg: SpeedrunConfig) -> dict | None:
     if cfg.dry_run:
         log0(describe(cfg, stages, configs, done))
         return None
+    note = busy_note(cpu_busy_share(), os.cpu_count() or 1)
+    if note:
+        log0(note)
     summary = {}
     t0 = time.time()
     ran_s = expected_s = 0.0  # stages that did work: seconds taken, and STAGE_SECONDS' for them
@@ -98,6 +102,34 @@ def eta(preset: str, pending: list[str], ran_s: float, expected_s: float) -> str
         return ""
     pace = min(3.0, max(0.3, ran_s / expected_s)) if expected_s >= 20 else 1.0
     return f", about {fmt_s(pace * sum(table.get(s, 0) for s in pending))} left"
+
+
+def cpu_busy_share(seconds: float = 0.5) -> float | None:
+    """Share of all cores' time spent busy over `seconds` while this process sleeps (Linux /proc/stat:
+    user, nice, system, idle, iowait, ... jiffies since boot); None where there is no /proc/stat. Not the
+    load average: that lags by minutes, so a job that just ended still reads as busy."""
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]
+    try:
+        total0, idle0 = read()
+        time.sleep(seconds)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def busy_note(busy_share: float | None, cores: int) -> str | None:
+    """A warning when other jobs already use the CPU: the estimates (and README's times) assume quiet
+    cores, and on 2 cores one other busy process makes training stages about twice as slow (measured:
+    pretraining beside the test suite took 664 s against 382 s quiet, README command 1)."""
+    busy = (busy_share or 0.0) * cores  # cores' worth of work by other processes
+    if busy < max(0.75, 0.4 * cores):
+        return None
+    return (f"note: other jobs keep about {busy:.1f} of this machine's {cores} cores busy: stages will take "
+            f"longer than the estimates, which assume quiet cores")
 
 
 def fmt_s(seconds: float) -> str:
