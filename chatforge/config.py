@@ -196,6 +196,9 @@ class GenerationConfig:
     temperature: float = option(0.8, "sampling temperature; 0 = greedy")
     top_k: int = option(50, "sample among the k most likely tokens (0 = all)")
     top_p: float = option(1.0, "nucleus sampling: smallest set of tokens reaching this probability")
+    frequency_penalty: float = option(0.0, "OpenAI's: lower a token's logit by this per time the reply used it "
+                                           "(in [-2, 2]; 0.5-1 breaks the loops of small models)")
+    presence_penalty: float = option(0.0, "OpenAI's: lower a token's logit by this once the reply used it ([-2, 2])")
     seed: int = option(1337, "random seed")
     device: str = option("auto", "cuda | mps | cpu | auto")
     threads: int = option(0, "torch threads; 0 = one per core")
@@ -210,6 +213,8 @@ class GenerationConfig:
         _require(0 <= self.temperature <= 100, "temperature", self.temperature, "in [0, 100]; 0 = greedy")
         _require(self.top_k >= 0, "top_k", self.top_k, "at least 0 (0 = all tokens)")
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        for name in ("frequency_penalty", "presence_penalty"):
+            _require(-2 <= getattr(self, name) <= 2, name, getattr(self, name), "in [-2, 2] (0 = off)")
         _require(self.threads >= 0, "threads", self.threads, "at least 0 (0 = one per core)")
 
 

@@ -22,7 +22,8 @@ and vLLM):
     batch.cancel(r)                   # drops a waiting or running request and frees its rows
     r.completions                     # one Completion per sample (tokens, mask, text, tool_calls)
 
-`SamplingParams` are per request: max_tokens, temperature, top_k, top_p, seed (a request's own
+`SamplingParams` are per request: max_tokens, temperature, top_k, top_p, frequency_penalty,
+presence_penalty (OpenAI's), seed (a request's own
 random stream: a seeded request samples the same tokens whatever else is in the batch), n,
 stop_tokens, stop_strings, use_tools, max_tool_calls, max_tool_output_tokens, mask_control.
 A Batch is not thread-safe: drive add / step / cancel from one thread (an asyncio server runs step()
@@ -123,6 +124,11 @@ class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_k: int | None = None  # keep the k most likely tokens
     top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p
+    # OpenAI's penalties, in [-2, 2]: a token's logit drops by frequency_penalty times the times this
+    # reply has sampled it, and by presence_penalty once it has sampled it at all. They break the
+    # greedy loops of small models ("- \n- \n- ...": bench/RESULTS.md "SFT").
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None  # the request's own random stream; None: torch's global one
     n: int = 1  # samples of this prompt, sharing one prefill
     stop_tokens: Sequence[int] | None = None  # None: <|assistant_end|> and <|bos|>
@@ -131,6 +137,22 @@ class SamplingParams:
     max_tool_calls: int = 4  # calls per reply; later calls get an error result
     max_tool_output_tokens: int = 256  # a tool result is cut to this many tokens
     mask_control: bool | None = None  # mask control tokens (module docstring, 5.); None: for chat prompts
+
+
+def penalize(logits: torch.Tensor, tokens: Sequence[int], mask: Sequence[int], frequency: float,
+             presence: float) -> None:
+    """OpenAI's penalties on one row's next-token logits (V,), in place: minus frequency x count minus
+    presence x (count > 0), counting the tokens this reply sampled (mask 1), not inserted tool output.
+
+    >>> x = torch.zeros(4); penalize(x, [1, 1, 2, 3], [1, 1, 1, 0], 0.5, 0.25); x.tolist()
+    [0.0, -1.25, -0.75, 0.0]
+    """
+    sampled = [t for t, m in zip(tokens, mask) if m]
+    if not sampled:
+        return
+    counts = torch.bincount(torch.tensor(sampled, device=logits.device), minlength=logits.shape[-1])
+    counts = counts[:logits.shape[-1]].to(logits.dtype)  # (V,)
+    logits -= frequency * counts + presence * (counts > 0).to(logits.dtype)
 
 
 @dataclass
@@ -277,6 +299,8 @@ class Engine:
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
         seed: int | None = None,
         stop_tokens: Sequence[int] | None = None,
         stop_strings: Sequence[str] = (),
@@ -290,13 +314,13 @@ class Engine:
         Completions, prompt-major (prompt 0's samples first).
 
         temperature 0 is greedy; top_k / top_p filter the distribution (model.sample_next_token);
-        seed makes sampling reproducible for the same batch. stop_tokens default to <|assistant_end|>
+        frequency_penalty / presence_penalty: see SamplingParams; seed makes sampling reproducible for the same batch. stop_tokens default to <|assistant_end|>
         and <|bos|>. on_token(i, token, sampled) is called for every appended token, i indexing the
         returned list; sampled is False for inserted tool output. mask_control: see SamplingParams."""
         if not prompts:
             return []
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                seed=None, n=n, stop_tokens=stop_tokens, stop_strings=tuple(stop_strings),
+                                frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=None, n=n, stop_tokens=stop_tokens, stop_strings=tuple(stop_strings),
                                 use_tools=use_tools, max_tool_calls=max_tool_calls,
                                 max_tool_output_tokens=max_tool_output_tokens, mask_control=mask_control)
         self.check_params(params)
@@ -339,6 +363,9 @@ class Engine:
                 (p.top_p is not None and not 0 < p.top_p <= 1):
             raise ChatforgeError(f"temperature {p.temperature} must be >= 0, top_k {p.top_k} >= 1 and "
                                  f"top_p {p.top_p} in (0, 1]")
+        if not (-2 <= p.frequency_penalty <= 2 and -2 <= p.presence_penalty <= 2):
+            raise ChatforgeError(f"frequency_penalty {p.frequency_penalty} and presence_penalty "
+                                 f"{p.presence_penalty} must be in [-2, 2] (0 = off)")
 
     # ------------------------------------------------------------------------------------------
     # The forward pass: the model's own. On CPU in float32 it gets the inference layout of its
@@ -637,6 +664,8 @@ class Batch:
             if ids is not None:
                 bans.setdefault(id(ids), [ids]).append(i)
             p = row.request.params
+            if p.frequency_penalty or p.presence_penalty:
+                penalize(logits[i], row.comp.tokens, row.comp.mask, p.frequency_penalty, p.presence_penalty)
             greedy = p.temperature == 0
             key = (0.0, None, None, None) if greedy else (p.temperature, p.top_k, p.top_p, id(row.request.generator))
             groups.setdefault(key, []).append(i)

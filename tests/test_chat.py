@@ -53,6 +53,19 @@ def test_conversation_uses_chat_protocol(ckpt):
     assert tok.parse_conversation(tok.render_conversation(conv)[0]) == conv
 
 
+def test_penalties_reach_the_reply(ckpt):
+    from chatforge.engine import Engine
+
+    path, tok = ckpt
+    base = dict(checkpoint=str(path), max_tokens=16, temperature=0, tools=False)
+    _, plain = drive(ChatConfig(**base), ["hello"])
+    _, penalized = drive(ChatConfig(**base, frequency_penalty=2.0, presence_penalty=0.5), ["hello"])
+    prompt = tok.render_prompt([{"role": "user", "content": "hello"}])
+    [want] = Engine.from_checkpoint(str(path), "cpu").generate(
+        [prompt], max_tokens=16, temperature=0, frequency_penalty=2.0, presence_penalty=0.5, use_tools=False)
+    assert penalized[1]["content"] == want.text != plain[1]["content"]
+
+
 def test_tool_calls_shown_distinctly(ckpt, monkeypatch):
     path, tok = ckpt
     sp = tok.special
@@ -225,6 +238,8 @@ def test_history_error_is_a_message_not_the_end(ckpt, monkeypatch):
     ("chat", "--temperature", "nan", "--temperature nan: must be in [0, 100]"),
     ("sample", "--temperature", "101", "--temperature 101.0: must be in [0, 100]"),
     ("sample", "--num_samples", "0", "--num_samples 0: must be at least 1"),
+    ("chat", "--frequency_penalty", "3", "--frequency_penalty 3.0: must be in [-2, 2] (0 = off)"),
+    ("sample", "--presence_penalty", "-2.5", "--presence_penalty -2.5: must be in [-2, 2] (0 = off)"),
     ("sample", "--threads", "-2", "--threads -2: must be at least 0"),
 ])
 def test_generation_flags_are_validated(ckpt, capsys, cmd, flag, value, msg):

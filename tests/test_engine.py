@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from chatforge.common import ChatforgeError
-from chatforge.engine import Engine, SamplingParams, StreamDecoder
+from chatforge.engine import Engine, SamplingParams, StreamDecoder, penalize
 from chatforge.tools import Tool, ToolError
 from engine_helpers import (BiasedModel, ScriptedModel, greedy_reference, make_checkpoint, random_model,
                             train_tokenizer)
@@ -117,6 +117,43 @@ def test_stop_strings_and_text(tok, model):
     [c] = eng.generate([tok.encode("the cat sat", bos=True)], max_tokens=30, temperature=0, stop_tokens=[],
                        stop_strings=[needle])
     assert c.finish_reason == "stop" and needle not in c.text and ref.text.startswith(c.text)
+
+
+def greedy_penalized(model, prompt, n, frequency, presence):
+    """Reference for OpenAI's penalties: full recompute, then logit - frequency x count - presence x seen
+    over the tokens generated so far, then argmax."""
+    ids, out = torch.tensor([prompt]), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(ids)[0, -1].clone()
+            for t in set(out):
+                logits[t] -= frequency * out.count(t) + presence
+            out.append(int(logits.argmax()))
+            ids = torch.cat([ids, torch.tensor([[out[-1]]])], dim=1)
+    return out
+
+
+def test_frequency_and_presence_penalties(model):
+    x = torch.zeros(4)  # hand-computed: token 1 twice, token 2 once, token 3 inserted tool output (mask 0)
+    penalize(x, [1, 1, 2, 3], [1, 1, 1, 0], 0.5, 0.25)
+    assert x.tolist() == [0.0, -(2 * 0.5 + 0.25), -(0.5 + 0.25), 0.0]
+    eng = Engine(model)
+    plain = eng.generate(PROMPTS, max_tokens=24, temperature=0)
+    assert any(len(set(c.tokens)) < len(c.tokens) for c in plain)  # precondition: greedy repeats itself
+    for fp, pp in ((0.0, 2.0), (1.5, 0.0), (0.7, 0.4), (-1.0, 0.0)):
+        outs = eng.generate(PROMPTS, max_tokens=24, temperature=0, frequency_penalty=fp, presence_penalty=pp)
+        for p, c in zip(PROMPTS, outs):
+            assert c.tokens == greedy_penalized(model, p, 24, fp, pp), (fp, pp)
+    # per request: a penalized request beside an unpenalized one in the same batch gets its own reply
+    batch = eng.batch()
+    a = batch.add(PROMPTS[0], SamplingParams(max_tokens=24, temperature=0, presence_penalty=2.0))
+    b = batch.add(PROMPTS[0], SamplingParams(max_tokens=24, temperature=0))
+    while batch:
+        batch.step()
+    assert a.completions[0].tokens == greedy_penalized(model, PROMPTS[0], 24, 0.0, 2.0)
+    assert b.completions[0].tokens == plain[0].tokens
+    with pytest.raises(ChatforgeError, match=r"in \[-2, 2\]"):
+        eng.generate(PROMPTS[:1], max_tokens=2, frequency_penalty=2.5)
 
 
 def test_bad_input(model):

@@ -131,6 +131,16 @@ def test_sampling_seed_n_and_temperature(client):
     assert [c.message.content for c in other.choices] != [c.message.content for c in a.choices]
 
 
+def test_penalties_reach_the_engine(client, engine, tok):
+    """OpenAI's frequency_penalty / presence_penalty: the reply is the engine's with the same penalties."""
+    prompt = tok.render_prompt(USER)
+    [want] = engine.generate([prompt], max_tokens=24, temperature=0, frequency_penalty=1.2, presence_penalty=0.5)
+    r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=24, temperature=0,
+                                       frequency_penalty=1.2, presence_penalty=0.5)
+    assert r.choices[0].message.content == want.text
+    assert want.tokens != greedy(engine, prompt, 24).tokens  # precondition: the penalties change this reply
+
+
 def test_models_and_health(client, base, engine):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
@@ -182,6 +192,8 @@ BAD = [  # (body, status, param, words in the message)
     (ok(stream_options={"include_usage": True}), 400, "stream_options", "only allowed with 'stream': true"),
     (ok(seed="x"), 400, "seed", "integer"),
     (ok(logprobs=True), 400, "logprobs", "not supported"),
+    (ok(frequency_penalty=2.5), 400, "frequency_penalty", "between -2 and 2"),
+    (ok(presence_penalty="much"), 400, "presence_penalty", "number"),
     (ok(tools="none"), 400, "tools", "must be a list"),
     (ok(tools=[{"type": "function", "function": {"description": "no name"}}]), 400, "tools[0]", "name"),
     (ok(tool_choice="required"), 400, "tool_choice", "not supported"),

@@ -303,7 +303,8 @@ def create_app(engine, cfg, scheduler: Scheduler | None = None, model_name: str 
             stop_ids.append(srv.ids.fn_end if functions and req.tool_choice == "auto" else srv.ids.fn_start)
         params = GenParams(max_tokens=srv.max_tokens(s.max_tokens, len(prompt), "messages"),
                            temperature=s.temperature, top_k=s.top_k or None,
-                           top_p=s.top_p if s.top_p < 1 else None, seed=s.seed, n=s.n, stop_tokens=tuple(stop_ids),
+                           top_p=s.top_p if s.top_p < 1 else None, frequency_penalty=s.frequency_penalty,
+                           presence_penalty=s.presence_penalty, seed=s.seed, n=s.n, stop_tokens=tuple(stop_ids),
                            stop_strings=tuple(s.stop), use_tools=srv.use_tools, max_tool_calls=cfg.max_tool_calls)
         fns = functions if req.tool_choice == "auto" else set()
         builders = [ReplyBuilder(srv.tok, srv.ids, s.stop, chat=True, functions=fns) for _ in range(s.n)]
@@ -344,7 +345,8 @@ def create_app(engine, cfg, scheduler: Scheduler | None = None, model_name: str 
         longest = max(prompts, key=len)
         max_tokens = srv.max_tokens(s.max_tokens if s.max_tokens is not None else 16, len(longest), "prompt")
         params = GenParams(max_tokens=max_tokens, temperature=s.temperature, top_k=s.top_k or None,
-                           top_p=s.top_p if s.top_p < 1 else None, seed=s.seed, n=s.n, stop_strings=tuple(s.stop),
+                           top_p=s.top_p if s.top_p < 1 else None, frequency_penalty=s.frequency_penalty,
+                           presence_penalty=s.presence_penalty, seed=s.seed, n=s.n, stop_strings=tuple(s.stop),
                            use_tools=False)
         builders = [ReplyBuilder(srv.tok, srv.ids, s.stop, chat=False) for _ in range(len(prompts) * s.n)]
         meta = {"id": chunk_id("cmpl"), "created": int(time.time()), "model": srv.model_name}

@@ -7,7 +7,7 @@ one becomes an `APIError` that the app answers in OpenAI's error shape
     {"error": {"message": "...", "type": "invalid_request_error", "param": "messages[1].role", "code": null}}
 
 The message names the field and what would be accepted. Fields OpenAI defines that this server does
-not implement (logprobs, penalties, response_format json, ...) are refused when set to anything but
+not implement (logprobs, logit_bias, response_format json, ...) are refused when set to anything but
 their neutral value, rather than silently ignored; fields nobody defines are ignored, as most
 OpenAI-compatible servers do, so clients that send extras keep working.
 """
@@ -127,6 +127,8 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # extension (as vLLM): 0 = off
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     n: int = 1
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
@@ -147,6 +149,8 @@ def _sampling(body: dict, max_n: int) -> Sampling:
         raise bad("top_p", "'top_p' must be above 0 (use temperature 0 for greedy decoding)")
     s.top_k = _int(body, "top_k", 0, -1, 2**31 - 1)
     s.top_k = max(s.top_k, 0)  # vLLM uses -1 for off
+    s.frequency_penalty = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
+    s.presence_penalty = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
     s.n = _int(body, "n", 1, 1, max_n)
     s.seed = _int(body, "seed", None, -(2**63), 2**63 - 1)
     stop = body.get("stop")
@@ -168,8 +172,6 @@ def _sampling(body: dict, max_n: int) -> Sampling:
         if not s.stream:
             raise bad("stream_options", "'stream_options' is only allowed with 'stream': true")
         s.include_usage = _get(opts, "include_usage", (bool,), False, "true or false")
-    for name in ("frequency_penalty", "presence_penalty"):
-        _refuse(body, name, (None, 0, 0.0))
     _refuse(body, "logit_bias", (None, {}))
     _refuse(body, "logprobs", (None, False, 0), " (no log-probabilities are returned)")
     _refuse(body, "top_logprobs", (None, 0))

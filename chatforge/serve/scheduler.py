@@ -57,6 +57,8 @@ class GenParams:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
     n: int = 1
     stop_tokens: tuple[int, ...] | None = None
@@ -249,6 +251,7 @@ class Scheduler:
                     try:
                         job.request = batch.add(job.prompt, SamplingParams(
                             max_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                            frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
                             seed=p.seed, n=p.n, stop_tokens=p.stop_tokens, stop_strings=p.stop_strings,
                             use_tools=p.use_tools, max_tool_calls=p.max_tool_calls))
                     except ChatforgeError as e:

@@ -263,6 +263,7 @@ def run(cfg, stdin=None, out=None) -> list[dict]:
         try:
             [reply] = engine.generate([prompt], max_tokens=cfg.max_tokens, temperature=temperature,
                                       top_k=cfg.top_k or None, top_p=cfg.top_p, seed=cfg.seed + turn,
+                                      frequency_penalty=cfg.frequency_penalty, presence_penalty=cfg.presence_penalty,
                                       on_token=on_token, use_tools=cfg.tools,
                                       max_tool_calls=cfg.max_tool_calls)
         except ChatforgeError as e:

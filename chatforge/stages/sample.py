@@ -61,6 +61,7 @@ def run(cfg, out=None) -> list[str]:
 
         [c] = engine.generate([ids], max_tokens=cfg.max_tokens, temperature=cfg.temperature,
                               top_k=cfg.top_k or None, top_p=cfg.top_p, seed=cfg.seed + i,
+                              frequency_penalty=cfg.frequency_penalty, presence_penalty=cfg.presence_penalty,
                               stop_tokens=[tok.bos_id], use_tools=False, on_token=show)
         print(dec.flush(), file=out, flush=True)
         outputs.append(c.text)
