@@ -22,14 +22,14 @@ from chatforge.report import latest_checkpoint
 
 
 # Seconds each stage took on a quiet 2-core Intel Xeon VM (README command 1 in a fresh clone for tiny,
-# 2026-12-02; the laptop preset's first run): the progress line's estimate of the time left scales these
-# by how long the stages run so far took against their entry. GPU presets show the elapsed time only
-# (their stages print their own ETAs).
+# 2026-12-02; the laptop preset: pretraining from its first run, the rest from its second, one SFT pass):
+# the progress line's estimate of the time left scales these by how long the stages run so far took
+# against their entry. GPU presets show the elapsed time only (their stages print their own ETAs).
 STAGE_SECONDS = {
-    "tiny": {"data": 16, "facts": 1, "tokenizer": 2, "pretrain": 382, "index": 1, "sft": 311, "rl": 275,
-             "rlhf": 168, "evaluate": 18, "report": 1},
-    "laptop": {"data": 14, "facts": 1, "tokenizer": 2, "pretrain": 1955, "index": 1, "sft": 418, "rl": 749,
-               "rlhf": 341, "evaluate": 49, "report": 1},
+    "tiny": {"data": 15, "facts": 1, "tokenizer": 2, "pretrain": 411, "index": 1, "sft": 221, "rl": 335,
+             "rlhf": 182, "evaluate": 21, "report": 1},
+    "laptop": {"data": 14, "facts": 1, "tokenizer": 2, "pretrain": 1955, "index": 1, "sft": 204, "rl": 656,
+               "rlhf": 316, "evaluate": 46, "report": 1},
 }
 TINY_SECONDS = STAGE_SECONDS["tiny"]
 # Stages that are not skipped when complete: they keep their finished parts and redo the rest.
