@@ -309,7 +309,8 @@ def test_probes_use_the_held_out_synthetic_problems(tok, kind):
     assert (right["correct"], wrong["correct"]) == (1, 0)
     problem = synthetic.make_problems(kind, 1, "val", 9)[0]
     sp = tok.special_tokens
-    script = ([sp["<|python_start|>"]] + tok.encode(f"print({problem.code})") + [sp["<|python_end|>"]]
+    # the call as SFT teaches it (the python tool shows the last expression's value, as a REPL does)
+    script = ([sp["<|python_start|>"]] + tok.encode(problem.code) + [sp["<|python_end|>"]]
               + tok.encode(f" The answer is {problem.answer}.") + [sp["<|assistant_end|>"]])
     tools = E.run_generation_task(scripted_engine(tok, script), tt, first, batch_size=1, max_tokens=96,
                                   progress=False)
