@@ -22,10 +22,10 @@ and vLLM):
     batch.cancel(r)                   # drops a waiting or running request and frees its rows
     r.completions                     # one Completion per sample (tokens, mask, text, tool_calls)
 
-`SamplingParams` are per request: max_tokens, temperature, top_k, top_p, frequency_penalty,
-presence_penalty (OpenAI's), seed (a request's own
-random stream: a seeded request samples the same tokens whatever else is in the batch), n,
-stop_tokens, stop_strings, use_tools, max_tool_calls, max_tool_output_tokens, mask_control.
+`SamplingParams` are per request: max_tokens, temperature, top_k, top_p, frequency_penalty and
+presence_penalty (OpenAI's), seed (a request's own random stream: a seeded request samples the same
+tokens whatever else is in the batch), n, stop_tokens, stop_strings, use_tools, max_tool_calls,
+max_tool_output_tokens, mask_control.
 A Batch is not thread-safe: drive add / step / cancel from one thread (an asyncio server runs step()
 in a worker thread and hands it the adds and cancels between steps). Tools run inside step(), so a
 slow tool holds up the whole batch for as long as it runs (at most its timeout).
@@ -126,7 +126,7 @@ class SamplingParams:
     top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p
     # OpenAI's penalties, in [-2, 2]: a token's logit drops by frequency_penalty times the times this
     # reply has sampled it, and by presence_penalty once it has sampled it at all. They break the
-    # greedy loops of small models ("- \n- \n- ...": bench/RESULTS.md "SFT").
+    # greedy loops of small models ("- \n- \n- ...": bench/RESULTS.md, the laptop preset's second run).
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: int | None = None  # the request's own random stream; None: torch's global one
@@ -314,13 +314,15 @@ class Engine:
         Completions, prompt-major (prompt 0's samples first).
 
         temperature 0 is greedy; top_k / top_p filter the distribution (model.sample_next_token);
-        frequency_penalty / presence_penalty: see SamplingParams; seed makes sampling reproducible for the same batch. stop_tokens default to <|assistant_end|>
-        and <|bos|>. on_token(i, token, sampled) is called for every appended token, i indexing the
-        returned list; sampled is False for inserted tool output. mask_control: see SamplingParams."""
+        frequency_penalty / presence_penalty: see SamplingParams; seed makes sampling reproducible for the
+        same batch. stop_tokens default to <|assistant_end|> and <|bos|>. on_token(i, token, sampled) is
+        called for every appended token, i indexing the returned list; sampled is False for inserted tool
+        output. mask_control: see SamplingParams."""
         if not prompts:
             return []
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=None, n=n, stop_tokens=stop_tokens, stop_strings=tuple(stop_strings),
+                                frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                                seed=None, n=n, stop_tokens=stop_tokens, stop_strings=tuple(stop_strings),
                                 use_tools=use_tools, max_tool_calls=max_tool_calls,
                                 max_tool_output_tokens=max_tool_output_tokens, mask_control=mask_control)
         self.check_params(params)
