@@ -1,11 +1,13 @@
-"""What the hardware can do and cost: peak FLOP/s per GPU (for MFU and time estimates) and rough
-cloud prices (for cost estimates). Pure tables and lookups, no torch state.
+"""What the hardware can do and cost: peak FLOP/s per GPU (for MFU and time estimates), rough
+cloud prices (for cost estimates), and how busy the CPU already is. Tables and lookups, no torch state.
 
 MFU (model FLOPs utilisation, PaLM, https://arxiv.org/abs/2204.02311 appendix B) =
 training FLOPs per token x tokens/s / peak FLOP/s of the devices used.
 """
 
 from __future__ import annotations
+
+import time
 
 # Dense bf16 tensor-core peak FLOP/s per GPU, from the vendors' datasheets (no sparsity). Matched
 # against torch.cuda.get_device_name(), longest name first. Used for MFU and the time estimates.
@@ -95,3 +97,21 @@ def fmt_hours(h: float) -> str:
     if h < 1:
         return f"{h * 60:.1f} min"
     return f"{h:.2f} h"
+
+
+def cpu_busy_share(seconds: float = 0.5) -> float | None:
+    """Share of all cores' time spent busy over `seconds` while this process sleeps (Linux /proc/stat:
+    user, nice, system, idle, iowait, irq, softirq, steal, then guest times already counted in user);
+    None where there is no /proc/stat. Not the load average: that lags by minutes, so a job that just
+    ended still reads as busy."""
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]  # the 8 fields that do not overlap
+        return sum(v), v[3] + v[4]
+    try:
+        total0, idle0 = read()
+        time.sleep(seconds)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)

@@ -294,7 +294,8 @@ def test_speedrun_warns_when_other_jobs_load_the_cpu():
     import sys
     import time
 
-    from chatforge.stages.speedrun import busy_note, cpu_busy_share
+    from chatforge.hardware import cpu_busy_share
+    from chatforge.stages.speedrun import busy_note
 
     assert busy_note(None, 2) is None and busy_note(0.1, 2) is None  # no /proc/stat, or a blip
     assert "about 1.0 of this machine's 2 cores" in busy_note(0.5, 2)  # one core taken by another job

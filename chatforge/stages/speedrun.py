@@ -18,6 +18,7 @@ from pathlib import Path
 
 from chatforge.common import ChatforgeError, is_complete, log0, stage_dir
 from chatforge.config import PIPELINE, STAGE_CONFIGS, CommonConfig, SpeedrunConfig, resolve_config
+from chatforge.hardware import cpu_busy_share
 from chatforge.report import latest_checkpoint
 
 
@@ -102,23 +103,6 @@ def eta(preset: str, pending: list[str], ran_s: float, expected_s: float) -> str
         return ""
     pace = min(3.0, max(0.3, ran_s / expected_s)) if expected_s >= 20 else 1.0
     return f", about {fmt_s(pace * sum(table.get(s, 0) for s in pending))} left"
-
-
-def cpu_busy_share(seconds: float = 0.5) -> float | None:
-    """Share of all cores' time spent busy over `seconds` while this process sleeps (Linux /proc/stat:
-    user, nice, system, idle, iowait, ... jiffies since boot); None where there is no /proc/stat. Not the
-    load average: that lags by minutes, so a job that just ended still reads as busy."""
-    def read() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + v[4]
-    try:
-        total0, idle0 = read()
-        time.sleep(seconds)
-        total1, idle1 = read()
-    except (OSError, ValueError, IndexError):
-        return None
-    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
 
 
 def busy_note(busy_share: float | None, cores: int) -> str | None:

@@ -112,7 +112,8 @@ def _word_picker(split: str):
 # asks the model to re-spell the word in other tokens, which it cannot do for a word it never saw. So the
 # code assigns the word after a space and repeats it exactly as the prompt shows it: bare -> word = ' strawberry'
 # (" '" then the prompt's own " straw|ber|ry"), 'strawberry' -> word = 'strawberry', "x" -> word = "x".
-# Measured on the tiny SFT checkpoint: see bench/RESULTS.md "SFT".
+# Necessary, not sufficient: on the tiny SFT checkpoint held-out counts stayed ~50% (56% -> 52%, n = 50)
+# because the 4-layer model fails to copy even one-token words; bench/RESULTS.md "SFT", copying the word.
 def _assign(shown: str, quote: str) -> str:
     """`word = <literal>` repeating `shown` as the prompt wrote it (quote '' = bare, after a space)."""
     return f"word = ' {shown}'" if not quote else f"word = {quote}{shown}{quote}"
