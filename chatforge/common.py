@@ -121,6 +121,37 @@ def get_device(name: str = "auto"):
     return torch.device(name)
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), where oneDNN runs bf16 matmuls
+    in hardware; elsewhere torch's CPU bf16 is emulated in float32 units."""
+    import torch
+
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x: fall back to cpuinfo
+    if probe is not None:
+        return bool(probe())
+    try:
+        return " amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def amp_dtype(setting: str, device, *, cpu_bf16: bool = False):
+    """The autocast dtype a stage's --dtype asks for: torch.bfloat16, or None for float32.
+
+    auto is bf16 on CUDA, and on a CPU with AMX for the stages that measured faster there (cpu_bf16):
+    pretraining ran 1.5x faster (tiny shape, 2 cores, bench/RESULTS.md "bf16 on the CPU"), the SFT stage
+    slower (its attention is masked per conversation), so only pretraining passes cpu_bf16. Master weights
+    and optimizer state stay float32 either way.
+    """
+    import torch
+
+    if setting == "bfloat16" or (setting == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    if setting == "auto" and cpu_bf16 and device.type == "cpu" and cpu_has_amx():
+        return torch.bfloat16
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # Files
 

@@ -147,7 +147,8 @@ class PretrainConfig(CommonConfig):
     checkpoint_every: int = option(1000, "steps between checkpoints (0 = only at the end / on interrupt)")
     resume: bool = option(True, "continue from this run's last checkpoint if there is one")
     # hardware
-    dtype: str = option("auto", "auto | float32 | bfloat16; auto = bf16 autocast on CUDA, float32 elsewhere")
+    dtype: str = option("auto", "auto | float32 | bfloat16; auto = bf16 autocast on CUDA and on CPUs with AMX, "
+                                "float32 elsewhere")
     compile: bool = option(False, "torch.compile the training model (CUDA; CPU too when a C++ compiler exists)")
     fsdp: bool = option(False, "shard the model with FSDP2 fully_shard instead of DDP replicas")
     dry_run: bool = option(False, "print the derived settings and time/cost estimates, then exit")
@@ -595,12 +596,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             ],
             "max_chars": 20_000_000,
         },
-        # Time-boxed for 2 cores (<= 10 minutes, fp32): far below Chinchilla's 20 tokens/parameter,
-        # so the step count is set directly. Measured numbers: bench/RESULTS.md.
+        # Time-boxed for 2 cores: far below Chinchilla's 20 tokens/parameter, so the step count is set
+        # directly. 500 steps (4.1M tokens): 8 min in bf16 on an AMX CPU (12 min in float32 elsewhere).
+        # Against 250 steps the SFT model answers about the people it read about (known 78% -> 90%) and
+        # copies more words into its python calls (28 -> ~50 of 100); 750 steps copied 68 but left the
+        # road ~25 of its 30 minutes. Measured numbers: bench/RESULTS.md ("SFT", pretraining length).
         "pretrain": {
             "depth": 4, "max_seq_len": 256, "device_batch_size": 16, "total_batch_size": 8192,
-            "num_iterations": 250, "warmup_ratio": 0.02, "warmdown_ratio": 0.4, "val_fraction": 0.03,
-            "eval_every": 100, "eval_tokens": 131072, "sample_every": 250, "checkpoint_every": 100,
+            "num_iterations": 500, "warmup_ratio": 0.02, "warmdown_ratio": 0.4, "val_fraction": 0.03,
+            "eval_every": 100, "eval_tokens": 131072, "sample_every": 500, "checkpoint_every": 100,
             # Eager: two compiled CPU runs differ from step 3 (cause not isolated), eager runs repeat bit
             # for bit, resumed ones too. Compile buys ~7-20% faster steps on CPU for ~20 s of
             # compiling (measured: bench/RESULTS.md and the loop branch's report): --compile to take it.
@@ -714,8 +718,8 @@ PRESETS["ci"] = _derived("tiny", {
 })
 
 
-# About an hour on a 2-core laptop: the tiny road with the same small model pretrained ~5x longer
-# (1,200 steps, ~10M tokens: about three passes over the same local corpus; Muennighoff et al. 2023,
+# About an hour on a 2-core laptop in float32 (~40 minutes in bf16 on an AMX CPU): the tiny road with the
+# same small model pretrained 2.4x longer (1,200 steps, ~10M tokens: about three passes over the same local corpus; Muennighoff et al. 2023,
 # https://arxiv.org/abs/2305.16264, found up to ~4 epochs of repeated data worth nearly as much as fresh
 # data). Measured on 2 cores, 8 steps each at 8,192 tokens: depth 4 1.5 s/step, depth 5 4.1 s, depth 6
 # 8.3 s; at this budget a 4-layer model trained on 5x the tokens beats a wider one on 2x (a guess from

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from chatforge.bpb import evaluate_bpb, unigram_bpb
-from chatforge.common import ChatforgeError, write_json
+from chatforge.common import ChatforgeError, amp_dtype, write_json
 from chatforge.common import data_dir as data_root_of
 from chatforge.model import KVCache
 from chatforge.tasks import identity, mc, probing, synthetic, world_facts
@@ -661,7 +661,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, tasks: Sequence[str], out
             f"this checkpoint {why}")
     if dtype not in ("auto", "float32", "bfloat16"):
         raise ChatforgeError(f"--dtype {dtype}: choose auto, float32 or bfloat16")
-    bf16 = dtype == "bfloat16" or (dtype == "auto" and dev.type == "cuda")
+    bf16 = amp_dtype(dtype, dev) is not None
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     card = identity_card or identity.IdentityCard()

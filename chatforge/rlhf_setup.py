@@ -7,9 +7,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
 
-from chatforge.common import ChatforgeError, is_complete, log0, source_checkpoint, stage_dir
+from chatforge.common import ChatforgeError, amp_dtype as resolve_amp, is_complete, log0, source_checkpoint, stage_dir
 from chatforge.config import ConfigError
 
 # The files an action writes beside its checkpoint; --force removes them with it.
@@ -118,7 +117,7 @@ def schedule(cfg, steps: int):
 
 def amp_dtype(cfg, device):
     """bf16 autocast with --dtype bfloat16, or auto on CUDA; else None (float32)."""
-    return torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else None
+    return resolve_amp(cfg.dtype, device)
 
 
 def flat(r: dict) -> dict:

@@ -233,3 +233,28 @@ def test_plots(tmp_path):
     assert steps[2]["loss"] == 3.5 and events["eval"][2]["val_bpb"] == 2.0
     for png in (plot_losses(m, tmp_path / "a.png", 3.0), plot_metrics(m, tmp_path / "b.png", ["loss", "eval/val_bpb"])):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# The compute dtype a stage's --dtype resolves to (chatforge.common.amp_dtype)
+
+
+def test_auto_dtype_is_bf16_on_cpu_only_for_stages_that_ask_and_only_with_amx(monkeypatch):
+    from chatforge import common
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert common.amp_dtype("float32", cpu, cpu_bf16=True) is None
+    assert common.amp_dtype("bfloat16", cpu) is torch.bfloat16  # asked for: always
+    assert common.amp_dtype("auto", cuda) is torch.bfloat16
+    for amx in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+        assert common.cpu_has_amx() is amx
+        assert common.amp_dtype("auto", cpu, cpu_bf16=True) is (torch.bfloat16 if amx else None)
+        assert common.amp_dtype("auto", cpu) is None  # a stage that measured slower in bf16 keeps float32
+    # without torch's private probe the CPU flags decide
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        flags = ""
+    assert common.cpu_has_amx() is (" amx_bf16" in flags)

@@ -35,7 +35,7 @@ import shutil
 import numpy as np
 import torch
 
-from chatforge.common import ChatforgeError, is_complete, log0, read_done, require_stage, stage_dir, \
+from chatforge.common import ChatforgeError, amp_dtype as resolve_amp, is_complete, log0, read_done, require_stage, stage_dir, \
     stage_run
 from chatforge.distributed import Dist, barrier, training_process
 from chatforge.plan import check_resume, check_resume_state, derive_settings, describe_plan
@@ -74,11 +74,11 @@ def _run(cfg, d: Dist, device: torch.device) -> dict | None:
         tok = Tokenizer.load(tok_dir)
         vocab = tok.vocab_size
     plan = derive_settings(cfg, vocab, d.world)
-    # bf16 autocast on CUDA (matmuls in bf16, master weights and optimizer state in fp32); float32
-    # elsewhere unless asked (CPUs with AVX512-BF16/AMX run bf16 matmuls fast too).
-    amp_dtype = None
-    if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
-        amp_dtype, plan.dtype = torch.bfloat16, "bfloat16 autocast"
+    # bf16 autocast on CUDA and on CPUs with AMX (matmuls in bf16, master weights and optimizer state
+    # in fp32); float32 elsewhere unless asked.
+    amp_dtype = resolve_amp(cfg.dtype, device, cpu_bf16=True)
+    if amp_dtype is not None:
+        plan.dtype = "bfloat16 autocast"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the few fp32 matmuls left run on tensor cores
         torch.backends.cudnn.allow_tf32 = True

@@ -25,9 +25,8 @@ import json
 import random
 import shutil
 
-import torch
 
-from chatforge.common import ChatforgeError, is_complete, log0, read_done, source_checkpoint, stage_dir, \
+from chatforge.common import ChatforgeError, amp_dtype as resolve_amp, is_complete, log0, read_done, source_checkpoint, stage_dir, \
     stage_run, write_json
 from chatforge.config import ConfigError, RlConfig
 from chatforge.distributed import training_process
@@ -125,7 +124,7 @@ def _stage(cfg, d, device, out, src, model, info, tok, resume, log, srun) -> dic
     train_items, val_items = load_items(cfg, task, cfg.seed)
     gsm = get_task("gsm8k") if cfg.gsm8k_items else None
     gsm_items = gsm.items("val", cfg.data_dir)[:cfg.gsm8k_items] if gsm else []
-    amp_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else None
+    amp_dtype = resolve_amp(cfg.dtype, device)
     model = model.to(device)
     tools = _eval_tools(cfg.tool_timeout) if cfg.use_tools else {}
     engine = Engine(model, tok, tools=tools, device=device)  # samples with the trained weights themselves

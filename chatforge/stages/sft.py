@@ -29,9 +29,8 @@ import contextlib
 import copy
 import shutil
 
-import torch
 
-from chatforge.common import ChatforgeError, is_complete, log0, read_done, source_checkpoint, stage_dir, \
+from chatforge.common import ChatforgeError, amp_dtype as resolve_amp, is_complete, log0, read_done, source_checkpoint, stage_dir, \
     stage_run, write_json
 from chatforge.config import ConfigError, SftConfig
 from chatforge.distributed import training_process
@@ -104,7 +103,7 @@ def _stage(cfg, d, device, out, src, base, info, tok, seq_len, resume, log, srun
     from chatforge.tasks.mixture import mixture_metrics
 
     # 1. Data: the mixture (probing the source model first), held-out conversations.
-    amp_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else None
+    amp_dtype = resolve_amp(cfg.dtype, device)
     base_dev = copy.deepcopy(base).to(device).eval()
     probe_out = probe_source(cfg, base_dev, tok, device, out) if cfg.probe else None
     rows, val_rows, counts = build_data(cfg, tok, seq_len, probe_out)
@@ -173,7 +172,8 @@ def report_lines(s: dict) -> str:
              f"checkpoint {s['checkpoint']}"]
     a, b = s.get("after"), s.get("before")
     if a:
-        lines.append(f"  well-formed {a['well_formed']['well_formed_rate']:.0%}; identity name+maker "
+        greedy = a.get("well_formed_greedy", {}).get("well_formed_rate", float("nan"))
+        lines.append(f"  well-formed {a['well_formed']['well_formed_rate']:.0%} (greedy {greedy:.0%}); identity name+maker "
                      f"{a['identity']['name_and_maker_rate']:.0%}; letter count call/correct "
                      f"{a['letter_count']['python_call_rate']:.0%}/{a['letter_count']['correct_rate']:.0%}; arithmetic "
                      f"{a['arithmetic']['python_call_rate']:.0%}/{a['arithmetic']['correct_rate']:.0%}")

@@ -22,14 +22,15 @@ from chatforge.hardware import cpu_busy_share
 from chatforge.report import latest_checkpoint
 
 
-# Seconds each stage took on a quiet 2-core Intel Xeon VM (README command 1 in a fresh clone for tiny,
-# 2026-12-02; the laptop preset: pretraining from its first run, the rest from its second, one SFT pass):
+# Seconds each stage took on a quiet 2-core Intel Xeon VM with AMX (README command 1 in a fresh clone for
+# tiny, 2026-12-02, pretraining in bf16; the laptop preset: pretraining from its first, float32 run divided
+# by the 1.52x bf16 measured on tiny, the rest from its second run, one SFT pass):
 # the progress line's estimate of the time left scales these by how long the stages run so far took
 # against their entry. GPU presets show the elapsed time only (their stages print their own ETAs).
 STAGE_SECONDS = {
-    "tiny": {"data": 15, "facts": 1, "tokenizer": 2, "pretrain": 411, "index": 1, "sft": 221, "rl": 335,
+    "tiny": {"data": 15, "facts": 1, "tokenizer": 2, "pretrain": 487, "index": 1, "sft": 200, "rl": 335,
              "rlhf": 182, "evaluate": 21, "report": 1},
-    "laptop": {"data": 14, "facts": 1, "tokenizer": 2, "pretrain": 1955, "index": 1, "sft": 204, "rl": 656,
+    "laptop": {"data": 14, "facts": 1, "tokenizer": 2, "pretrain": 1290, "index": 1, "sft": 204, "rl": 656,
                "rlhf": 316, "evaluate": 46, "report": 1},
 }
 TINY_SECONDS = STAGE_SECONDS["tiny"]

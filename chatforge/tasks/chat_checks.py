@@ -40,20 +40,24 @@ def well_formed(completion) -> str | None:
     return None
 
 
-def _generate(engine, conversations: Sequence[list[dict]], max_tokens: int, use_tools: bool, batch_size: int):
+def _generate(engine, conversations: Sequence[list[dict]], max_tokens: int, use_tools: bool, batch_size: int,
+              **sampling):
+    """Replies to the conversations, greedy unless `sampling` (temperature, top_k) says otherwise; seeded."""
     tok, ctx = engine.tok, engine.config.max_seq_len
+    sampling = {"temperature": 0.0, **sampling}
     out = []
     for i in range(0, len(conversations), batch_size):
         chunk = [tok.render_prompt(m) for m in conversations[i:i + batch_size]]
         chunk = [p[-(ctx - max_tokens):] if len(p) > ctx - max_tokens else p for p in chunk]
-        out += engine.generate(chunk, max_tokens=max_tokens, temperature=0.0, seed=0, use_tools=use_tools)
+        out += engine.generate(chunk, max_tokens=max_tokens, seed=0, use_tools=use_tools, **sampling)
     return out
 
 
 def well_formed_rate(engine, prompts: Sequence[list[dict]], max_tokens: int = 128, use_tools: bool = True,
-                     batch_size: int = 16, examples: int = 3) -> dict:
-    """Share of well-formed greedy replies to the prompts (conversations ending with a user turn)."""
-    comps = _generate(engine, prompts, max_tokens, use_tools, batch_size)
+                     batch_size: int = 16, examples: int = 3, temperature: float = 0.0, top_k: int | None = None) -> dict:
+    """Share of well-formed replies to the prompts (conversations ending with a user turn): greedy by
+    default, or sampled (seeded) at the given temperature and top-k."""
+    comps = _generate(engine, prompts, max_tokens, use_tools, batch_size, temperature=temperature, top_k=top_k)
     reasons = [well_formed(c) for c in comps]
     bad: dict[str, int] = {}
     for r in reasons:
@@ -61,6 +65,7 @@ def well_formed_rate(engine, prompts: Sequence[list[dict]], max_tokens: int = 12
             bad[r] = bad.get(r, 0) + 1
     n = max(1, len(comps))
     return {"n": len(comps), "well_formed_rate": sum(r is None for r in reasons) / n, "failures": bad,
+            "decoding": "greedy" if temperature == 0 else f"temperature {temperature:g}, top-k {top_k or 'all'}, seeded",
             "examples": [{"prompt": p[-1]["content"][:200], "reply": c.text[:300]}
                          for p, c in list(zip(prompts, comps))[:examples]]}
 
