@@ -426,7 +426,7 @@ def measure_base(cfg, model, tok, device, seq_len, amp_dtype) -> dict:
 
 
 def measure_chat(cfg, model, tok, device, seq_len, amp_dtype) -> dict:
-    from chatforge.config import GenerationConfig
+    from chatforge.config import ChatConfig
     from chatforge.engine import Engine
     from chatforge.evaluate import _eval_tools
     from chatforge.tasks import chat_checks as K
@@ -437,10 +437,11 @@ def measure_chat(cfg, model, tok, device, seq_len, amp_dtype) -> dict:
     card = IdentityCard(name=cfg.identity_name, maker=cfg.identity_maker)
     n = cfg.check_n
     prompts = held_out_prompts(cfg, n)
-    # Well-formed as `chatforge chat` samples replies by default (its GenerationConfig), and greedy: greedy
+    # Well-formed as `chatforge chat` samples replies by default (its ChatConfig), and greedy: greedy
     # decoding of a small model falls into loops that sampling leaves (bench/RESULTS.md, "SFT").
-    chat = GenerationConfig()
-    out = {"well_formed": K.well_formed_rate(engine, prompts, temperature=chat.temperature, top_k=chat.top_k),
+    chat = ChatConfig()
+    out = {"well_formed": K.well_formed_rate(engine, prompts, temperature=chat.temperature, top_k=chat.top_k,
+                                             top_p=chat.top_p),
            "well_formed_greedy": K.well_formed_rate(engine, prompts),
            "identity": K.identity_rates(engine, card, data_dir=cfg.data_dir)}
     for kind in ("letter_count", "arithmetic"):

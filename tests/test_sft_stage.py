@@ -207,7 +207,7 @@ def test_sft_stage_runs_and_writes_its_artifacts(base_run):
     after = s["after"]
     assert 0 <= after["well_formed"]["well_formed_rate"] <= 1 and after["well_formed"]["n"] == 2
     # well-formed as `chatforge chat` samples by default, and greedy
-    assert after["well_formed"]["decoding"] == "temperature 0.8, top-k 50, seeded"
+    assert after["well_formed"]["decoding"] == "temperature 0.6, top-k 50, top-p 0.95, seeded"
     assert after["well_formed_greedy"]["decoding"] == "greedy" and after["well_formed_greedy"]["n"] == 2
     assert {"name_rate", "maker_rate", "name_and_maker_rate"} <= after["identity"].keys()
     assert after["letter_count"]["n"] == 2 and "python_call_rate" in after["arithmetic"]

@@ -54,10 +54,12 @@ def _generate(engine, conversations: Sequence[list[dict]], max_tokens: int, use_
 
 
 def well_formed_rate(engine, prompts: Sequence[list[dict]], max_tokens: int = 128, use_tools: bool = True,
-                     batch_size: int = 16, examples: int = 3, temperature: float = 0.0, top_k: int | None = None) -> dict:
+                     batch_size: int = 16, examples: int = 3, temperature: float = 0.0, top_k: int | None = None,
+                     top_p: float | None = None) -> dict:
     """Share of well-formed replies to the prompts (conversations ending with a user turn): greedy by
-    default, or sampled (seeded) at the given temperature and top-k."""
-    comps = _generate(engine, prompts, max_tokens, use_tools, batch_size, temperature=temperature, top_k=top_k)
+    default, or sampled (seeded) at the given temperature, top-k and top-p."""
+    comps = _generate(engine, prompts, max_tokens, use_tools, batch_size, temperature=temperature, top_k=top_k,
+                      top_p=top_p)
     reasons = [well_formed(c) for c in comps]
     bad: dict[str, int] = {}
     for r in reasons:
@@ -65,7 +67,8 @@ def well_formed_rate(engine, prompts: Sequence[list[dict]], max_tokens: int = 12
             bad[r] = bad.get(r, 0) + 1
     n = max(1, len(comps))
     return {"n": len(comps), "well_formed_rate": sum(r is None for r in reasons) / n, "failures": bad,
-            "decoding": "greedy" if temperature == 0 else f"temperature {temperature:g}, top-k {top_k or 'all'}, seeded",
+            "decoding": "greedy" if temperature == 0 else
+                        f"temperature {temperature:g}, top-k {top_k or 'all'}, top-p {top_p or 1:g}, seeded",
             "examples": [{"prompt": p[-1]["content"][:200], "reply": c.text[:300]}
                          for p, c in list(zip(prompts, comps))[:examples]]}
 
