@@ -28,8 +28,8 @@ from chatforge.report import latest_checkpoint
 # the progress line's estimate of the time left scales these by how long the stages run so far took
 # against their entry. GPU presets show the elapsed time only (their stages print their own ETAs).
 STAGE_SECONDS = {
-    "tiny": {"data": 15, "facts": 1, "tokenizer": 2, "pretrain": 487, "index": 1, "sft": 200, "rl": 335,
-             "rlhf": 182, "evaluate": 21, "report": 1},
+    "tiny": {"data": 13, "facts": 1, "tokenizer": 2, "pretrain": 481, "index": 1, "sft": 194, "rl": 293,
+             "rlhf": 166, "evaluate": 19, "report": 1},
     "laptop": {"data": 14, "facts": 1, "tokenizer": 2, "pretrain": 1290, "index": 1, "sft": 204, "rl": 656,
                "rlhf": 316, "evaluate": 46, "report": 1},
 }
