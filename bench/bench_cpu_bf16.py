@@ -74,13 +74,13 @@ def main() -> None:
         opt = build_optimizer(model.param_groups(), plan.model_config.n_embd, matrix_lr=cfg.matrix_lr,
                               embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
                               scalar_lr=cfg.scalar_lr, weight_decay=cfg.weight_decay)
-        warmdown = round(cfg.warmdown_ratio * args.steps)
+        warmup, warmdown = round(cfg.warmup_ratio * args.steps), round(cfg.warmdown_ratio * args.steps)
         trainer = Trainer(prepare_model(model, Dist(), torch.device("cpu"), compile=False, say=print), opt,
                           lambda m, batch: m(*batch), PackedLoader(train, B, T, grad_accum=accum, seed=cfg.seed),
                           LoopConfig(num_steps=args.steps, grad_accum=accum, grad_clip=cfg.grad_clip,
                                      tokens_per_step=plan.total_batch_size),
                           device="cpu", amp_dtype=amp,
-                          lr_schedule=lambda s, w=warmdown: lr_multiplier(s, args.steps, round(cfg.warmup_ratio * args.steps), w),
+                          lr_schedule=lambda s, u=warmup, w=warmdown: lr_multiplier(s, args.steps, u, w),
                           on_step=lambda s, o=opt: o.set_muon_momentum(muon_momentum(s)), say=print)
         sides[name] = dict(model=model, trainer=trainer, amp=amp, seconds=0.0, losses=[])
 

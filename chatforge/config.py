@@ -722,14 +722,15 @@ PRESETS["ci"] = _derived("tiny", {
 
 
 # About an hour on a 2-core laptop in float32 (~40 minutes in bf16 on an AMX CPU): the tiny road with the
-# same small model pretrained 2.4x longer (1,200 steps, ~10M tokens: about three passes over the same local corpus; Muennighoff et al. 2023,
-# https://arxiv.org/abs/2305.16264, found up to ~4 epochs of repeated data worth nearly as much as fresh
-# data). Measured on 2 cores, 8 steps each at 8,192 tokens: depth 4 1.5 s/step, depth 5 4.1 s, depth 6
-# 8.3 s; at this budget a 4-layer model trained on 5x the tokens beats a wider one on 2x (a guess from
-# those speeds, not a measured comparison). SFT is tiny's (one pass: the first run's two passes ended
-# only 80% of held-out replies properly against tiny's 92%), so the comparison isolates pretraining; RL
-# takes more rollouts, and the report card's held-out sets are larger so the comparison with tiny is not
-# noise. Runs on a quiet 2-core Xeon: README "Bigger runs" and bench/RESULTS.md.
+# same small model pretrained 2.4x longer (1,200 steps, ~10M tokens: about three passes over the same
+# local corpus; Muennighoff et al. 2023, https://arxiv.org/abs/2305.16264, found up to ~4 epochs of
+# repeated data worth nearly as much as fresh data). Measured on 2 cores, 8 steps each at 8,192 tokens:
+# depth 4 1.5 s/step, depth 5 4.1 s, depth 6 8.3 s; at this budget a 4-layer model trained on 5x the
+# tokens beats a wider one on 2x (a guess from those speeds, not a measured comparison). SFT is tiny's
+# (one pass: the first run's two passes ended only 80% of held-out replies properly against tiny's 92%),
+# so the comparison isolates pretraining; RL takes more rollouts, and the report card's held-out sets are
+# larger so the comparison with tiny is not noise. Runs on a quiet 2-core Xeon: README "Bigger runs" and
+# bench/RESULTS.md.
 PRESETS["laptop"] = _derived("tiny", {
     "common": {"run": "laptop"},
     "pretrain": {"num_iterations": 1200, "eval_every": 200, "checkpoint_every": 100, "sample_every": 1200},

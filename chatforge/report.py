@@ -572,7 +572,8 @@ def stage_results_section(info: RunInfo) -> list[Block]:
 
     sft = summary("sft/summary.json")
     if sft:
-        for what, keys in (("held-out replies well-formed (chat's sampling)", ("well_formed", "well_formed_rate")),
+        for what, keys in (("held-out replies well-formed (chat's sampling)",
+                            ("well_formed", "well_formed_rate")),
                            ("held-out replies well-formed (greedy)", ("well_formed_greedy", "well_formed_rate")),
                            ("identity: names itself and its maker", ("identity", "name_and_maker_rate")),
                            ("letter counting with python: right", ("letter_count", "correct_rate")),

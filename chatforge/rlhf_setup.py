@@ -7,8 +7,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-
-from chatforge.common import ChatforgeError, amp_dtype as resolve_amp, is_complete, log0, source_checkpoint, stage_dir
+from chatforge.common import ChatforgeError, amp_dtype as resolve_amp, is_complete, log0, source_checkpoint, \
+    stage_dir
 from chatforge.config import ConfigError
 
 # The files an action writes beside its checkpoint; --force removes them with it.

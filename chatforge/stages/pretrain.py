@@ -35,8 +35,8 @@ import shutil
 import numpy as np
 import torch
 
-from chatforge.common import ChatforgeError, amp_dtype as resolve_amp, is_complete, log0, read_done, require_stage, stage_dir, \
-    stage_run
+from chatforge.common import ChatforgeError, amp_dtype as resolve_amp, is_complete, log0, read_done, \
+    require_stage, stage_dir, stage_run
 from chatforge.distributed import Dist, barrier, training_process
 from chatforge.plan import check_resume, check_resume_state, derive_settings, describe_plan
 

@@ -29,9 +29,8 @@ import contextlib
 import copy
 import shutil
 
-
-from chatforge.common import ChatforgeError, amp_dtype as resolve_amp, is_complete, log0, read_done, source_checkpoint, stage_dir, \
-    stage_run, write_json
+from chatforge.common import ChatforgeError, amp_dtype as resolve_amp, is_complete, log0, read_done, \
+    source_checkpoint, stage_dir, stage_run, write_json
 from chatforge.config import ConfigError, SftConfig
 from chatforge.distributed import training_process
 
