@@ -172,8 +172,8 @@ def report_lines(s: dict) -> str:
     a, b = s.get("after"), s.get("before")
     if a:
         greedy = a.get("well_formed_greedy", {}).get("well_formed_rate", float("nan"))
-        lines.append(f"  well-formed {a['well_formed']['well_formed_rate']:.0%} (greedy {greedy:.0%}); identity name+maker "
-                     f"{a['identity']['name_and_maker_rate']:.0%}; letter count call/correct "
+        lines.append(f"  well-formed {a['well_formed']['well_formed_rate']:.0%} (greedy {greedy:.0%}); "
+                     f"identity name+maker {a['identity']['name_and_maker_rate']:.0%}; letter count call/correct "
                      f"{a['letter_count']['python_call_rate']:.0%}/{a['letter_count']['correct_rate']:.0%}; arithmetic "
                      f"{a['arithmetic']['python_call_rate']:.0%}/{a['arithmetic']['correct_rate']:.0%}")
         if "probe" in a:

@@ -42,7 +42,8 @@ def well_formed(completion) -> str | None:
 
 def _generate(engine, conversations: Sequence[list[dict]], max_tokens: int, use_tools: bool, batch_size: int,
               **sampling):
-    """Replies to the conversations, greedy unless `sampling` (temperature, top_k) says otherwise; seeded."""
+    """Replies to the conversations, greedy unless `sampling` (temperature, top_k, top_p) says otherwise;
+    seeded."""
     tok, ctx = engine.tok, engine.config.max_seq_len
     sampling = {"temperature": 0.0, **sampling}
     out = []
