@@ -67,8 +67,10 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         tp = types_[f.name]
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                      help=f"{f.metadata.get('help', '')} (default: {shown!s})")
+        # argparse %-formats help strings ("%(default)s"), so a literal percent sign must be doubled:
+        # "97-100% of" crashed `chatforge sft --help` with a TypeError.
+        help_ = f"{f.metadata.get('help', '')} (default: {shown!s})".replace("%", "%%")
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_)
         if tp is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
