@@ -69,7 +69,10 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         # argparse %-formats help strings ("%(default)s"), so a literal percent sign must be doubled:
         # "97-100% of" crashed `chatforge sft --help` with a TypeError.
-        help_ = f"{f.metadata.get('help', '')} (default: {shown!s})".replace("%", "%%")
+        help_ = f.metadata.get("help", "")
+        if "(default:" not in help_:  # a help that explains its own default (data_dir) keeps it
+            help_ += f" (default: {shown!s})"
+        help_ = help_.replace("%", "%%")
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_)
         if tp is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
