@@ -305,7 +305,8 @@ class SftConfig(CommonConfig):
     compact_tools: bool = option(True, "drop parameter descriptions from function schemas (about half the tokens)")
     synthetic: int = option(200, "python-tool conversations per synthetic kind (letter counts, arithmetic, ...)")
     synthetic_kinds: list[str] = option(["letter_count", "spelling", "reverse", "decimal_compare", "arithmetic"],
-                                        "synthetic kinds (chatforge.tasks.synthetic.KINDS)")
+                                        "synthetic kinds (chatforge.tasks.synthetic.KINDS); a kind listed twice "
+                                        "gets twice the conversations")
     identity: int = option(300, "identity conversations generated from the identity card")
     identity_name: str = option("chatforge", "the assistant's name on its identity card")
     identity_maker: str = option("the chatforge project", "who made the assistant, on its identity card")

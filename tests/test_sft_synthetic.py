@@ -140,6 +140,18 @@ def test_conversations_teach_the_tool_and_pass_their_checker(shared_data):
         assert "<|python_start|>" in trained and conv[2]["content"] not in trained.split("<|python_end|>")[1]
 
 
+def test_a_kind_listed_twice_gets_twice_the_distinct_problems():
+    once = list(synthetic_conversations(("letter_count", "arithmetic"), n=30, split="train", seed=3))
+    twice = list(synthetic_conversations(("letter_count", "arithmetic", "letter_count"), n=30, split="train", seed=3))
+    prompts = [c[0]["content"] for c in twice]
+    assert len(once) == 60 and len(twice) == 90
+    letters = [p for p in prompts if "many" in p.lower() or "count" in p.lower()]
+    assert len(letters) == 60 and len(set(letters)) == 60  # 60 distinct letter problems, not 30 repeated
+    assert sorted(prompts).count(once[1][0]["content"]) == 1  # the arithmetic stays 30 problems
+    # The first 30 of each kind are the single listing's problems: weighting adds, it does not reshuffle.
+    assert [c[0]["content"] for c in once][0::2] == letters[:30]
+
+
 def test_identity_conversations_follow_the_card(shared_data):
     card = IdentityCard(name="Quokka", maker="the Lakeside Lab", knowledge_cutoff="March 2025")
     convs = list(identity_conversations(card, n=300, split="train", seed=0, data_dir=str(shared_data)))

@@ -20,6 +20,7 @@ the reply.
 
 from __future__ import annotations
 
+import collections
 import random
 import re
 from dataclasses import dataclass
@@ -309,8 +310,10 @@ def problem_conversation(problem: Problem, seed: int = 0) -> list[dict]:
 
 def synthetic_conversations(kinds: Iterable[str] = KINDS, n: int = 200, split: str = "train",
                             seed: int = 0) -> Iterator[list[dict]]:
-    """n conversations of each kind (problem_conversation of make_problems), kinds interleaved."""
-    per_kind = [make_problems(k, n, split, seed) for k in kinds]
-    for i in range(n):
+    """n conversations of each kind (problem_conversation of make_problems), kinds interleaved; a kind
+    listed twice gets 2n distinct problems (the mixture's way to weight one kind above the others)."""
+    per_kind = [make_problems(k, c * n, split, seed) for k, c in collections.Counter(kinds).items()]
+    for i in range(max((len(p) for p in per_kind), default=0)):
         for problems in per_kind:
-            yield problem_conversation(problems[i], seed)
+            if i < len(problems):
+                yield problem_conversation(problems[i], seed)
